@@ -1,0 +1,71 @@
+"""The ``medsegdiff`` command line: a thin layer over the library.
+
+Each sub-command lives in ``medsegdiff/commands/<name>.py`` and provides ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``. Command modules import heavy libraries inside
+``run`` so that ``medsegdiff --help`` stays fast. Expected mistakes (:class:`MedSegDiffError`)
+are printed as one line on stderr with exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+from medsegdiff import __version__
+from medsegdiff.errors import MedSegDiffError
+
+# Order shown in --help. A name without a module yet is simply not listed.
+COMMANDS = (
+    "run",
+    "synth",
+    "prepare",
+    "train",
+    "predict",
+    "evaluate",
+    "baseline",
+    "sweep",
+    "bench",
+    "config",
+)
+
+
+def available_commands() -> list[str]:
+    return [c for c in COMMANDS if importlib.util.find_spec(f"medsegdiff.commands.{c}") is not None]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medsegdiff",
+        description="Diffusion segmentation (MedSegDiff V1/V2) of stroke lesions in ISLES24 CT.",
+    )
+    parser.add_argument("--version", action="version", version=f"medsegdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in available_commands():
+        module = importlib.import_module(f"medsegdiff.commands.{name}")
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args._run(args) or 0)
+    except MedSegDiffError as err:
+        print(f"medsegdiff {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medsegdiff {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""CLI sub-commands; see :mod:`medsegdiff.cli` for the contract."""

@@ -1,0 +1,98 @@
+"""Data section of the config: discovery, checking, preprocessing, datasets, augmentation, splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from medsegdiff.config.base import bad_value, option
+
+MODALITIES = ("ncct", "cta", "cbf", "cbv", "mtt", "tmax", "ctp")
+
+# Published winning preprocessing (KurtLab, ISLES24): clip windows per modality.
+DEFAULT_WINDOWS: dict[str, list[float]] = {
+    "cbf": [0.0, 35.0],
+    "cbv": [0.0, 10.0],
+    "mtt": [0.0, 20.0],
+    "tmax": [0.0, 7.0],
+    "cta": [0.0, 90.0],
+    "ncct": [0.0, 80.0],  # brain window (level 40, width 80)
+    "ctp": [0.0, 200.0],
+}
+
+
+@dataclass
+class AugmentConfig:
+    """MONAI augmentations applied identically to image and mask (training only)."""
+
+    enabled: bool = option(True, doc="apply augmentation to training samples")
+    flip_prob: float = option(0.5, ge=0.0, le=1.0, doc="probability of a left-right flip")
+    rotate_deg: float = option(10.0, ge=0.0, le=180.0, doc="max in-plane rotation in DEGREES")
+    rotate_prob: float = option(0.3, ge=0.0, le=1.0)
+    scale: float = option(0.1, ge=0.0, lt=1.0, doc="max relative zoom (0.1 = +-10 %)")
+    scale_prob: float = option(0.3, ge=0.0, le=1.0)
+    intensity_shift: float = option(0.05, ge=0.0, doc="max additive intensity shift")
+    intensity_scale: float = option(0.05, ge=0.0, doc="max multiplicative intensity jitter")
+    intensity_prob: float = option(0.3, ge=0.0, le=1.0)
+
+
+@dataclass
+class SplitConfig:
+    """Subject-level split: test fraction held out, the rest split into k folds (or a val fraction)."""
+
+    seed: int = option(0, doc="seed that fixes the split")
+    test_fraction: float = option(0.2, ge=0.0, lt=1.0)
+    val_fraction: float = option(0.2, ge=0.0, lt=1.0, doc="used when folds == 1")
+    folds: int = option(1, ge=1, doc="k-fold cross-validation over the non-test subjects")
+    fold: int = option(0, ge=0, doc="which fold is the validation fold")
+    file: str = option("", doc="reuse a saved split (splits.json); empty = derive from seed")
+
+    def validate(self, prefix: str) -> None:
+        if self.fold >= self.folds:
+            raise bad_value(f"{prefix}.fold", self.fold, f"allowed: 0 .. folds-1 = {self.folds - 1}")
+
+
+@dataclass
+class DataConfig:
+    root: str = option("", doc="ISLES24 data root (either release layout); empty = none")
+    cache_dir: str = option("", doc="preprocessed cache; empty = <run_root>/cache/<hash>")
+    layout: Literal["auto", "zenodo", "challenge2024"] = option("auto")
+    modalities: list[str] = option(["cbf", "cbv", "mtt", "tmax", "cta"], doc="input channels")
+    missing_modality: Literal["skip_case", "fail"] = option(
+        "skip_case", doc="a case missing an input modality is skipped (and listed) or stops the run"
+    )
+    on_error: Literal["skip", "fail"] = option("skip", doc="bad case (unreadable, grid mismatch): skip or stop")
+    grid_tolerance: float = option(1e-3, gt=0.0, doc="affine differences below this are snapped (mm / cosine)")
+    windows: dict[str, list[float]] = option(DEFAULT_WINDOWS, doc="per-modality [low, high] clip window")
+    equalize: bool = option(False, doc="histogram-equalise inside the positive mask after windowing")
+    brain_mask: bool = option(False, doc="zero everything outside an NCCT-derived brain mask")
+    image_size: int = option(64, ge=8, doc="in-plane size after resampling (H = W)")
+    context_slices: int = option(0, ge=0, doc="neighbouring slices on each side as extra channels (2.5D)")
+    dims: Literal[2, 3] = option(2, doc="2 = slice dataset, 3 = patch dataset")
+    patch_size: list[int] = option([16, 64, 64], doc="3D patch (D, H, W) when dims == 3")
+    lesion_oversample: float = option(0.5, ge=0.0, le=1.0, doc="fraction of training samples drawn from lesion slices")
+    samples_per_epoch: int = option(0, ge=0, doc="training samples per epoch; 0 = number of slices")
+    num_workers: int = option(0, ge=0, doc="DataLoader workers")
+    prepare_workers: int = option(2, ge=1, doc="worker processes for `prepare`")
+    augment: AugmentConfig = option(default_factory=AugmentConfig)
+    split: SplitConfig = option(default_factory=SplitConfig)
+
+    def validate(self, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        if not self.modalities:
+            raise bad_value(f"{p}modalities", self.modalities, "allowed: a non-empty list of " + ", ".join(MODALITIES))
+        for i, m in enumerate(self.modalities):
+            if m not in MODALITIES:
+                raise bad_value(f"{p}modalities[{i}]", m, "allowed: " + ", ".join(MODALITIES))
+        for m, w in self.windows.items():
+            if m not in MODALITIES:
+                raise bad_value(f"{p}windows.{m}", w, "allowed keys: " + ", ".join(MODALITIES))
+            if len(w) != 2 or not w[0] < w[1]:
+                raise bad_value(f"{p}windows.{m}", w, "allowed: [low, high] with low < high")
+        if len(self.patch_size) != 3 or any(s < 1 for s in self.patch_size):
+            raise bad_value(f"{p}patch_size", self.patch_size, "allowed: three positive integers [D, H, W]")
+
+    @property
+    def in_channels(self) -> int:
+        """Image channels seen by the model: modalities x (1 + 2 x context slices)."""
+        return len(self.modalities) * (1 + 2 * self.context_slices)

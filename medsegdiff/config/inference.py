@@ -1,0 +1,29 @@
+"""Inference (predict) and evaluation sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from medsegdiff.config.base import option
+
+
+@dataclass
+class InferenceConfig:
+    respacing: str = option("", doc="override the diffusion respacing for prediction; empty = diffusion.respacing")
+    ensemble: int = option(5, ge=1, doc="ensemble members per case")
+    combine: Literal["mean", "vote", "staple"] = option("mean")
+    uncertainty: Literal["std", "entropy"] = option("std")
+    threshold: float = option(0.5, gt=0.0, lt=1.0, doc="probability threshold (replaced by a calibrated one if present)")
+    use_calibrated_threshold: bool = option(True)
+    use_ema: bool = option(True)
+    batch_size: int = option(64, ge=1, doc="slices x members through the model at once (memory budget)")
+    precision: Literal["auto", "fp32", "bf16"] = option("auto", doc="auto = bf16 on GPU, fp32 on CPU")
+    overlays: bool = option(True, doc="write an overlay PNG per case")
+
+
+@dataclass
+class EvaluationConfig:
+    iou_threshold: float = option(0.5, gt=0.0, le=1.0, doc="lesion-wise F1 matching IoU (organisers' latest: 0.2)")
+    hd95: bool = option(True)
+    tmax_threshold: float = option(9.0, doc="official simple baseline: Tmax > threshold seconds")

@@ -1,0 +1,75 @@
+"""Loss, optimiser and trainer sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from medsegdiff.config.base import bad_value, option
+
+
+@dataclass
+class LossConfig:
+    """Multi-task loss: diffusion term + Dice/BCE on the predicted clean mask (+ V2 anchor)."""
+
+    dice_weight: float = option(1.0, ge=0.0)
+    bce_weight: float = option(1.0, ge=0.0)
+    anchor_weight: float = option(1.0, ge=0.0, doc="V2 anchor head (Dice + BCE against the mask)")
+    diffusion_weight: float = option(1.0, ge=0.0)
+    timestep_weighting: Literal["none", "snr", "alpha_bar"] = option(
+        "snr", doc="weight of the auxiliary terms per timestep (snr = min(SNR, 1))"
+    )
+    strategy: Literal["fixed", "warmup", "uncertainty"] = option(
+        "fixed", doc="fixed weights, linear warm-in of aux terms, or learned uncertainty (Kendall 2018)"
+    )
+    warmup_steps: int = option(0, ge=0, doc="steps for the linear warm-in of auxiliary terms")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adam", "sgd"] = option("adamw")
+    lr: float = option(1e-4, gt=0.0)
+    weight_decay: float = option(0.0, ge=0.0)
+    betas: list[float] = option([0.9, 0.999])
+    momentum: float = option(0.9, ge=0.0, doc="sgd only")
+    schedule: Literal["constant", "cosine"] = option("cosine")
+    warmup_steps: int = option(0, ge=0)
+    min_lr_ratio: float = option(0.0, ge=0.0, le=1.0, doc="cosine floor as a fraction of lr")
+    grad_clip: float = option(1.0, ge=0.0, doc="max gradient norm; 0 = off")
+
+    def validate(self, prefix: str) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise bad_value(f"{prefix}.betas", self.betas, "allowed: two numbers in [0, 1)")
+
+
+@dataclass
+class ValidationConfig:
+    every: int = option(0, ge=0, doc="validate every N steps; 0 = only at the end")
+    respacing: str = option("ddim250", doc="respacing used for validation sampling")
+    ensemble: int = option(1, ge=1)
+    max_cases: int = option(0, ge=0, doc="validate on at most N cases; 0 = all")
+    threshold: float = option(0.5, gt=0.0, lt=1.0)
+    use_ema: bool = option(True)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = option(1000, ge=1, doc="optimizer steps")
+    time_budget_s: float = option(0.0, ge=0.0, doc="stop after this many seconds (0 = none)")
+    batch_size: int = option(8, ge=1, doc="global batch size per optimizer step")
+    grad_accum: int = option(1, ge=1, doc="micro-batches per step (batch_size must divide evenly)")
+    precision: Literal["fp32", "bf16", "fp16"] = option("fp32")
+    ema_rate: float = option(0.999, ge=0.0, lt=1.0)
+    log_every: int = option(10, ge=1)
+    checkpoint_every: int = option(200, ge=1)
+    keep_last: int = option(2, ge=1)
+    max_bad_steps: int = option(5, ge=1, doc="stop after this many non-finite steps in a row")
+    deterministic: bool = option(True, doc="deterministic algorithms on CPU (bit-exact resume)")
+    validation: ValidationConfig = option(default_factory=ValidationConfig)
+
+    def validate(self, prefix: str) -> None:
+        if self.batch_size % self.grad_accum:
+            raise bad_value(
+                f"{prefix}.grad_accum", self.grad_accum,
+                f"allowed: a divisor of batch_size ({self.batch_size})",
+            )
