@@ -53,6 +53,17 @@ class SplitConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """Synthetic ISLES24 look-alike made by `medsegdiff run` when ``data.root`` does not exist yet."""
+
+    generate: bool = option(False, doc="generate a synthetic dataset at data.root when that folder is missing")
+    cases: int = option(12, ge=2, doc="number of synthetic cases")
+    seed: int = option(0, doc="seed of the synthetic dataset")
+    shape: str = option("tiny", doc="volume size preset of the generator (tiny, small, ...)")
+    layout: Literal["zenodo", "challenge2024"] = option("zenodo", doc="on-disk layout to imitate")
+
+
+@dataclass
 class DataConfig:
     root: str = option("", doc="ISLES24 data root (either release layout); empty = none")
     cache_dir: str = option("", doc="preprocessed cache; empty = <run_root>/cache/<hash>")
@@ -76,6 +87,7 @@ class DataConfig:
     prepare_workers: int = option(2, ge=1, doc="worker processes for `prepare`")
     augment: AugmentConfig = option(default_factory=AugmentConfig)
     split: SplitConfig = option(default_factory=SplitConfig)
+    synthetic: SyntheticConfig = option(default_factory=SyntheticConfig)
 
     def validate(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
