@@ -1,0 +1,6 @@
+"""Loss terms and multi-task weighting strategies."""
+
+from medsegdiff.losses.multitask import STRATEGIES, TIMESTEP_WEIGHTINGS, LossCombiner, timestep_weights
+from medsegdiff.losses.segmentation import dice_bce_terms
+
+__all__ = ["STRATEGIES", "TIMESTEP_WEIGHTINGS", "LossCombiner", "dice_bce_terms", "timestep_weights"]

@@ -1,0 +1,190 @@
+"""Multi-task loss weighting: per-timestep weights and strategies to combine loss terms.
+
+MedSegDiff trains on the diffusion loss plus auxiliary segmentation terms on the predicted clean
+mask (Dice, BCE) and, for V2, on the anchor head. Two questions arise:
+
+1. **Per timestep** (:func:`timestep_weights`): at nearly pure-noise steps the predicted ``x0`` is
+   a poor, blurry guess, and a Dice/BCE term there would dominate the gradient. ``"snr"`` weights a
+   sample by ``min(SNR(t), 1)`` with ``SNR(t) = abar_t / (1 - abar_t)`` (the clipped-SNR idea of
+   Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", applied to the
+   auxiliary terms); ``"alpha_bar"`` weights by ``abar_t``; ``"none"`` by 1.
+2. **Across terms** (:class:`LossCombiner`): ``"fixed"`` weights, ``"warmup"`` (auxiliary terms fade
+   in linearly), or ``"uncertainty"`` (learned homoscedastic uncertainty, Kendall, Gal & Cipolla,
+   CVPR 2018, "Multi-Task Learning Using Uncertainty to Weigh Losses for Scene Geometry and
+   Semantics").
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+TimestepWeighting = Literal["none", "snr", "alpha_bar"]
+Strategy = Literal["fixed", "warmup", "uncertainty"]
+
+TIMESTEP_WEIGHTINGS = ("none", "snr", "alpha_bar")
+STRATEGIES = ("fixed", "warmup", "uncertainty")
+MAIN_TERM = "diffusion"
+
+# diffusion object -> {device: float32 tensor of alphas_cumprod}; entries vanish with the diffusion.
+_ABAR_CACHE: weakref.WeakKeyDictionary[Any, dict[torch.device, Tensor]] = weakref.WeakKeyDictionary()
+
+
+def _alphas_cumprod(diffusion: Any, device: torch.device) -> Tensor:
+    """``diffusion.alphas_cumprod`` (numpy float64 in improved_diffusion) as a cached tensor."""
+    try:
+        per_device = _ABAR_CACHE.setdefault(diffusion, {})
+    except TypeError:  # not weak-referenceable: no caching
+        per_device = {}
+    table = per_device.get(device)
+    if table is None:
+        abar = getattr(diffusion, "alphas_cumprod", None)
+        if abar is None:
+            raise TypeError(
+                f"timestep_weights: {type(diffusion).__name__} has no 'alphas_cumprod'; "
+                "pass a GaussianDiffusion / SpacedDiffusion"
+            )
+        # SNR in float64 first: 1 - abar loses precision near t = 0 in float32.
+        table = torch.as_tensor(np.asarray(abar, dtype=np.float64), device=device)
+        per_device[device] = table
+    return table
+
+
+def timestep_weights(diffusion: Any, t: Tensor, mode: TimestepWeighting = "snr") -> Tensor:
+    """Per-sample weights of the auxiliary loss terms for timesteps ``t``.
+
+    Args:
+        diffusion: an improved_diffusion ``GaussianDiffusion``/``SpacedDiffusion`` (uses its
+            ``alphas_cumprod``; ``t`` indexes that table, as in ``training_losses``).
+        t: ``(B,)`` integer timesteps.
+        mode: ``"none"`` -> 1; ``"snr"`` -> ``min(abar_t / (1 - abar_t), 1)``; ``"alpha_bar"`` ->
+            ``abar_t``.
+
+    Returns:
+        ``(B,)`` float32 weights in ``[0, 1]`` on ``t``'s device (no gradient).
+
+    Raises:
+        ValueError: unknown ``mode``.
+    """
+    if mode == "none":
+        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+    if mode not in TIMESTEP_WEIGHTINGS:
+        raise ValueError(f"timestep_weights: mode {mode!r} is unknown; allowed: {', '.join(TIMESTEP_WEIGHTINGS)}")
+    abar = _alphas_cumprod(diffusion, t.device)[t.long()]
+    if mode == "alpha_bar":
+        return abar.float()
+    snr = abar / (1.0 - abar)
+    return torch.clamp(snr, max=1.0).float()
+
+
+class LossCombiner(nn.Module):
+    """Combine named scalar loss terms into one total with a weighting strategy.
+
+    Strategies (``w_i`` = configured weight of term ``i``, ``L_i`` = its value):
+
+    * ``"fixed"``: ``total = sum_i w_i * L_i``.
+    * ``"warmup"``: like fixed, but every auxiliary term (all but ``"diffusion"``) is multiplied by
+      ``min(step / warmup_steps, 1)``: 0 at step 0, full weight from ``warmup_steps`` on. The main
+      ``"diffusion"`` term always has its full weight. ``warmup_steps = 0`` equals ``"fixed"``.
+    * ``"uncertainty"``: one learned log-variance ``s_i`` (an ``nn.Parameter``, initialised to 0) per
+      term with ``w_i > 0``; ``total = sum_i exp(-s_i) * w_i * L_i + s_i``. This is Kendall et al.'s
+      regression form ``1/(2 sigma^2) L + log sigma`` with ``s = log sigma^2``, multiplied by 2 (same
+      optimum); for fixed ``L_i`` the optimum is ``s_i = log(w_i * L_i)``, so each weighted term
+      contributes about 1. The total can be negative. Add :meth:`parameters` to the optimiser.
+
+    Terms with ``w_i = 0`` are logged but not added. Terms listed in ``names`` may be absent from a
+    call (e.g. ``anchor`` for V1); a term not listed is an error.
+
+    Logged (detached) for each present term: ``<name>`` (raw), ``w_<name>`` (weighted contribution
+    ``weight * L``) and ``weight_<name>`` (effective weight).
+
+    Example:
+        >>> comb = LossCombiner("warmup", ["diffusion", "dice"], weights={"diffusion": 1, "dice": 1},
+        ...                     warmup_steps=1000)
+        >>> total, logged = comb({"diffusion": l_mse, "dice": l_dice}, step=500)  # dice at half weight
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        names: Sequence[str],
+        *,
+        weights: Mapping[str, float] | None = None,
+        warmup_steps: int = 0,
+        main: str = MAIN_TERM,
+    ) -> None:
+        super().__init__()
+        if strategy not in STRATEGIES:
+            raise ValueError(f"LossCombiner: strategy {strategy!r} is unknown; allowed: {', '.join(STRATEGIES)}")
+        if warmup_steps < 0:
+            raise ValueError(f"LossCombiner: warmup_steps must be >= 0, got {warmup_steps}")
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - set(names))
+        if unknown:
+            raise ValueError(f"LossCombiner: weights given for unknown terms {unknown}; terms: {list(names)}")
+        for name, w in weights.items():
+            if w < 0:
+                raise ValueError(f"LossCombiner: weight of {name!r} must be >= 0, got {w}")
+        self.strategy = strategy
+        self.names = list(names)
+        self.weights = {n: float(weights.get(n, 1.0)) for n in self.names}
+        self.warmup_steps = int(warmup_steps)
+        self.main = main
+        self.log_vars = nn.ParameterDict()
+        if strategy == "uncertainty":
+            for n in self.names:
+                if self.weights[n] > 0:
+                    self.log_vars[n] = nn.Parameter(torch.zeros(()))
+
+    def ramp(self, step: int) -> float:
+        """Warm-in factor of the auxiliary terms at ``step`` (1.0 unless strategy is ``warmup``)."""
+        if self.strategy != "warmup" or self.warmup_steps == 0:
+            return 1.0
+        return min(max(step, 0) / self.warmup_steps, 1.0)
+
+    def forward(self, terms: Mapping[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """Combine ``terms`` (scalar tensors) at optimiser ``step``.
+
+        Returns:
+            ``(total, logged)``: the scalar total (with gradient) and detached scalars to log.
+
+        Raises:
+            ValueError: a term is not in ``names``, or no term was given.
+        """
+        unknown = sorted(set(terms) - set(self.names))
+        if unknown:
+            raise ValueError(f"LossCombiner: unknown loss terms {unknown}; configured terms: {self.names}")
+        if not terms:
+            raise ValueError("LossCombiner: no loss terms given")
+        ramp = self.ramp(step)
+        total: Tensor | None = None
+        logged: dict[str, Tensor] = {}
+        for name in self.names:
+            if name not in terms:
+                continue
+            value = terms[name]
+            w = self.weights[name]
+            logged[name] = value.detach()
+            if w == 0:
+                weight = value.new_zeros(())
+                contribution = None
+            elif self.strategy == "uncertainty":
+                s = self.log_vars[name]
+                weight = w * torch.exp(-s)
+                contribution = weight * value + s
+            else:
+                factor = w if name == self.main else w * ramp
+                weight = value.new_tensor(factor)
+                contribution = factor * value
+            logged[f"weight_{name}"] = weight.detach()
+            logged[f"w_{name}"] = (weight * value).detach()
+            if contribution is not None:
+                total = contribution if total is None else total + contribution
+        if total is None:  # every present term has weight 0
+            total = sum(v * 0.0 for v in terms.values())  # keeps the graph (and dtype/device)
+        return total, logged
