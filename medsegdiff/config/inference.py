@@ -25,5 +25,8 @@ class InferenceConfig:
 @dataclass
 class EvaluationConfig:
     iou_threshold: float = option(0.5, gt=0.0, le=1.0, doc="lesion-wise F1 matching IoU (organisers' latest: 0.2)")
-    hd95: bool = option(True)
+    hd95: bool = option(True, doc="also compute HD95 in mm (NaN when a mask is empty)")
+    connectivity: Literal[0, 4, 8, 6, 18, 26] = option(
+        0, doc="lesion components: 0 = official (26 in 3-D, 4 in 2-D); 4/8 in 2-D, 6/18/26 in 3-D"
+    )
     tmax_threshold: float = option(9.0, doc="official simple baseline: Tmax > threshold seconds")
