@@ -1,0 +1,1 @@
+"""Inference: batched ensemble sampling, ensemble combination, calibration, export, predict."""
