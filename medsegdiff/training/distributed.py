@@ -1,0 +1,136 @@
+"""torchrun-aware distributed helpers: one code path for one process or many.
+
+A process group is created only when ``WORLD_SIZE > 1`` (never for a single process, unlike
+upstream improved-diffusion which needs MPI and a group even on one GPU). The backend is NCCL on
+CUDA devices and gloo on the CPU. Every collective here is a no-op without a group, so the trainer
+calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from medsegdiff.errors import ConfigError
+from medsegdiff.utils.runtime import resolve_device
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: ``rank`` of ``world_size``, its ``local_rank`` and device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer; launch with torchrun") from None
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (set by torchrun) and join the group if needed.
+
+    Idempotent: when a group already exists it is reused (and not destroyed by :func:`cleanup`).
+
+    Raises:
+        ConfigError: bad environment or an unavailable device.
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    _env_int("RANK", 0)  # validated here; the group reports the rank
+    local = _env_int("LOCAL_RANK", 0)
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world <= 1:
+        return DistContext(0, 1, 0, dev, False)
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, init_method="env://")
+        owns = True
+    return DistContext(dist.get_rank(), dist.get_world_size(), local, dev, owns)
+
+
+def cleanup(ctx: DistContext) -> None:
+    """Destroy the process group if :func:`init_distributed` created it."""
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def all_reduce_max_flag(ctx: DistContext, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (agreement without hangs)."""
+    if not ctx.distributed:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_reduce_mean(ctx: DistContext, values: dict[str, float]) -> dict[str, float]:
+    """Mean of scalar logs across ranks (same keys on every rank)."""
+    if not ctx.distributed or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    t /= ctx.world_size
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def all_gather_objects(ctx: DistContext, obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order."""
+    if not ctx.distributed:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(ctx: DistContext, obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank."""
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def micro_batch_size(batch_size: int, world_size: int, grad_accum: int) -> int:
+    """Per-rank micro-batch: global ``batch_size / world_size / grad_accum``.
+
+    Raises:
+        ConfigError: when the global batch does not split evenly.
+    """
+    denom = world_size * grad_accum
+    if batch_size % denom:
+        raise ConfigError(
+            f"config key 'train.batch_size': got {batch_size}; it is the GLOBAL batch and must be divisible by "
+            f"world_size x train.grad_accum = {world_size} x {grad_accum} = {denom}; change batch_size or grad_accum"
+        )
+    return batch_size // denom

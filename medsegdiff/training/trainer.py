@@ -1,0 +1,613 @@
+"""The trainer: one code path for diffusion models and the discriminative baseline.
+
+``train(cfg, run_dir)`` builds the network (:func:`medsegdiff.nets.registry.build_model`), the
+training objective (:class:`medsegdiff.diffusion.objective.SegmentationObjective` on the FULL
+diffusion schedule) and the data pipeline, then runs optimizer steps with:
+
+* gradient accumulation that equals the large batch: each micro-batch loss is scaled by
+  ``micro / per_rank_batch`` so gradients AVERAGE (upstream improved-diffusion sums them, guided
+  #111), with DDP's ``no_sync()`` on every micro-step but the last;
+* a GLOBAL ``train.batch_size`` (per-rank micro-batch = batch_size / world_size / grad_accum);
+* bf16 autocast, or fp16 autocast + ``torch.amp.GradScaler`` on CUDA;
+* AdamW/Adam/SGD, linear warm-up + cosine/constant LR, gradient clipping;
+* EMA weights (``torch._foreach_lerp_``) used for validation, best-checkpoint choice and inference;
+* a non-finite guard: a step whose loss (or, without a scaler, gradient norm) is NaN/inf on ANY rank
+  is skipped on EVERY rank (the flag is all-reduced, so no rank waits at a collective the others
+  skipped), logged and counted; ``train.max_bad_steps`` in a row stop the run with
+  :class:`~medsegdiff.errors.TrainingError`;
+* a step budget and an optional time budget; samples/s and memory in the logs;
+* atomic checkpoints holding everything needed for a BIT-IDENTICAL resume on the CPU: model, EMA,
+  optimizer, scheduler, scaler, objective, step, every RNG, the data-sampler position, best metric.
+
+The trainer is split into small hook-like methods (:meth:`Trainer.setup`, :meth:`run_step`,
+:meth:`forward_backward`, :meth:`optimize`, :meth:`log`, :meth:`validate`, :meth:`save`) and the
+parts it trains are built by a replaceable ``components`` factory (tests use tiny stand-ins).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, default_collate
+
+from medsegdiff.config import ExperimentConfig, save_config, to_dict
+from medsegdiff.errors import CheckpointError, TrainingError
+from medsegdiff.training import checkpoint as ckpt_mod
+from medsegdiff.training.distributed import (
+    DistContext,
+    all_reduce_max_flag,
+    all_reduce_mean,
+    barrier,
+    cleanup,
+    init_distributed,
+    micro_batch_size,
+)
+from medsegdiff.training.ema import EMA
+from medsegdiff.training.optim import build_optimizer, build_scheduler
+from medsegdiff.utils.runtime import autocast, seed_everything
+
+logger = logging.getLogger("medsegdiff.training")
+
+
+@dataclass
+class Components:
+    """What the trainer trains and feeds.
+
+    Attributes:
+        model: the network (unwrapped); diffusion models follow the model contract, the baseline
+            has ``is_diffusion = False``.
+        objective: ``objective(model, batch, step) -> ObjectiveOutput(loss, terms)``; an
+            ``nn.Module`` whose parameters (learned loss weights) are optimised too.
+        dataset: indexed by the sampler's items (``(index, seed)`` tuples); items are dicts.
+        sampler: iterable of dataset keys for THIS rank, with ``state_dict()`` /
+            ``load_state_dict()`` (exact position) and optionally ``set_epoch(e)``.
+        validator: optional object with ``__call__(model, step) -> dict`` (mean metrics; key
+            ``dice`` drives the best checkpoint) and ``baseline() -> dict``.
+        collate_fn: batches a list of items (default ``torch.utils.data.default_collate``).
+    """
+
+    model: nn.Module
+    objective: nn.Module
+    dataset: Any
+    sampler: Any
+    validator: Any = None
+    collate_fn: Callable[[list[Any]], Any] | None = None
+
+
+ComponentsFn = Callable[[ExperimentConfig, Path, DistContext], Components]
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`."""
+
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    bad_steps: int = 0
+    stopped_by: str = "steps"
+
+
+class _StepModule(nn.Module):
+    """Model + objective as one module, so DDP sees every parameter used by the objective.
+
+    The objective may call ``model.encode_image`` / ``model.anchor_logits`` (not reachable through a
+    DDP wrapper); running the whole objective inside ``forward`` keeps gradient hooks intact.
+    """
+
+    def __init__(self, model: nn.Module, objective: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: Any, step: int) -> Any:
+        return self.objective(self.model, batch, step)
+
+
+class _BatchCursor:
+    """Micro-batches of sampler keys, with the sampler state right after each one.
+
+    DataLoader workers prefetch, so the sampler runs ahead of training; the state recorded after
+    pulling a batch is released only when that batch is consumed (:meth:`consumed`), which gives
+    the exact position to resume from.
+    """
+
+    def __init__(self, sampler: Any, micro: int) -> None:
+        self.sampler = sampler
+        self.micro = micro
+        self.pending: collections.deque[Any] = collections.deque()
+        self.state: Any = self.snapshot()
+
+    def snapshot(self) -> Any:
+        fn = getattr(self.sampler, "state_dict", None)
+        return fn() if callable(fn) else None
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        buf: list[Any] = []
+        empty_passes = 0
+        while True:
+            got = False
+            for key in self.sampler:
+                got = True
+                buf.append(key)
+                if len(buf) == self.micro:
+                    self.pending.append(self.snapshot())
+                    yield buf
+                    buf = []
+            # An empty pass is normal once (resumed exactly at the end of an epoch), never twice.
+            empty_passes = 0 if got else empty_passes + 1
+            if empty_passes >= 2:
+                raise TrainingError("the training sampler yields no samples; check the training split and data")
+            set_epoch = getattr(self.sampler, "set_epoch", None)
+            if callable(set_epoch) and not getattr(self.sampler, "auto_epoch", False):
+                set_epoch(int(getattr(self.sampler, "epoch", 0)) + 1)
+
+    def consumed(self) -> None:
+        self.state = self.pending.popleft()
+
+
+def _is_finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t.detach()).all().item())
+
+
+class Trainer:
+    """One training run (see the module docstring).
+
+    Args:
+        cfg: the resolved experiment config.
+        run_dir: the run directory (created; ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``).
+        resume: continue from the newest checkpoint in ``run_dir`` (error if there is none).
+        tracker: where metrics go (rank 0); default ``medsegdiff.tracking.make_tracker``.
+        components: factory of the trained parts (default :func:`build_components`).
+        stop_at: stop (with a checkpoint) after this optimizer step although ``train.steps`` is
+            larger; the LR schedule still follows ``train.steps`` (used to test resuming).
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        run_dir: str | os.PathLike[str],
+        *,
+        resume: bool = False,
+        tracker: Any = None,
+        components: ComponentsFn | None = None,
+        stop_at: int | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.tracker = tracker
+        self._own_tracker = tracker is None
+        self.components_fn = components
+        self.stop_at = stop_at
+        self.step = 0
+        self.best: dict[str, Any] = {"metric": "val/dice", "value": None, "step": None}
+        self.bad_in_row = 0
+        self.bad_total = 0
+        self.history: list[dict[str, Any]] = []
+        self.last_checkpoint: Path | None = None
+        self._det_prev: tuple[bool, bool] | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Process group, seeds, components, optimiser, schedule, scaler, EMA, DDP, resume."""
+        cfg, tc = self.cfg, self.cfg.train
+        self.dist = init_distributed(cfg.device)
+        self.device = self.dist.device
+        self.micro = micro_batch_size(tc.batch_size, self.dist.world_size, tc.grad_accum)
+        if tc.precision == "fp16":
+            autocast(self.device, "fp16")  # raises the ConfigError on the CPU
+        if tc.deterministic and self.device.type == "cpu":
+            self._det_prev = (torch.are_deterministic_algorithms_enabled(),
+                              torch.is_deterministic_algorithms_warn_only_enabled())
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        # Per-rank seeds: diffusion noise and timesteps must differ between ranks.
+        seed_everything(cfg.seed + 1_000_003 * self.dist.rank)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not self.resume or not (self.run_dir / "config.yaml").exists():
+                save_config(cfg, self.run_dir / "config.yaml")
+        barrier(self.dist)
+        fn = self.components_fn or build_components
+        comps = fn(cfg, self.run_dir, self.dist)
+        self.comps = comps
+        self.model = comps.model.to(self.device)
+        if cfg.model.channels_last and self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.objective = comps.objective.to(self.device)
+        self.ema = EMA(self.model, tc.ema_rate)
+        params = list(self.model.parameters()) + list(self.objective.parameters())
+        self.params = [p for p in params if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, tc.steps)
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=tc.precision == "fp16" and self.device.type == "cuda"
+        )
+        step_module: nn.Module = _StepModule(self.model, self.objective)
+        if self.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            step_module = DDP(
+                step_module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+                broadcast_buffers=False,
+            )
+        self.ddp = step_module if self.dist.distributed else None
+        self.step_module = torch.compile(step_module) if cfg.model.compile else step_module
+        self.cursor = _BatchCursor(comps.sampler, self.micro)
+        if self.resume:
+            self.load_latest()
+        self.loader = self._make_loader()
+        self.batches = iter(self.loader)
+        if self.tracker is None:
+            self.tracker = self._make_tracker()
+
+    def _make_loader(self) -> DataLoader:
+        workers = self.cfg.data.num_workers
+        # A dedicated generator: creating the iterator never touches the global torch RNG, so a
+        # resumed run draws the same noise as an uninterrupted one.
+        gen = torch.Generator().manual_seed(self.cfg.seed + 7919 * self.dist.rank + self.step)
+        return DataLoader(
+            self.comps.dataset,
+            batch_sampler=self.cursor,
+            num_workers=workers,
+            collate_fn=self.comps.collate_fn or default_collate,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            generator=gen,
+        )
+
+    def _make_tracker(self) -> Any:
+        if not self.dist.is_main:
+            from contextlib import suppress
+
+            with suppress(ImportError):
+                from medsegdiff.tracking.base import NullTracker
+
+                return NullTracker()
+            return _JsonlFallback(None)
+        try:
+            from medsegdiff.tracking import make_tracker
+        except ImportError:
+            return _JsonlFallback(self.run_dir / "metrics.jsonl")
+        return make_tracker(self.cfg, self.run_dir)
+
+    # ------------------------------------------------------------------ resume
+    def load_latest(self) -> None:
+        path = ckpt_mod.find_latest(self.run_dir)
+        if path is None:
+            raise CheckpointError(
+                f"{self.run_dir}: --resume given but there is no checkpoints/step_*.pt; start without --resume"
+            )
+        self.load_state(ckpt_mod.load_checkpoint(path, map_location=self.device))
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("objective"):
+            self.objective.load_state_dict(state["objective"])
+        self.step = int(state["step"])
+        self.best = dict(state.get("best") or self.best)
+        self.bad_total = int(state.get("bad_total", 0))
+        sampler_state = state.get("sampler")
+        if sampler_state is not None and hasattr(self.comps.sampler, "load_state_dict"):
+            self.comps.sampler.load_state_dict(sampler_state)
+            self.cursor.state = sampler_state
+        rng = state.get("rng") or {}
+        per_rank = rng.get("per_rank")
+        if per_rank is not None:
+            rng = per_rank[self.dist.rank] if self.dist.rank < len(per_rank) else None
+        if rng:
+            ckpt_mod.restore_rng(rng)
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> TrainResult:
+        """Train until ``train.steps`` (or the time budget / ``stop_at``) and return the result."""
+        self.setup()
+        try:
+            return self._loop()
+        finally:
+            if self._own_tracker and self.tracker is not None:
+                self.tracker.finish()
+            if self._det_prev is not None:
+                torch.use_deterministic_algorithms(self._det_prev[0], warn_only=self._det_prev[1])
+            cleanup(self.dist)
+
+    def _loop(self) -> TrainResult:
+        tc = self.cfg.train
+        start = time.perf_counter()
+        stopped_by = "steps"
+        if self.comps.validator is not None and self.dist.is_main and self.step == 0:
+            base = self.comps.validator.baseline()
+            if base:
+                self.tracker.log({f"baseline/{k}": v for k, v in base.items()}, step=0)
+        while self.step < tc.steps:
+            logs = self.run_step()
+            every_val = tc.validation.every
+            done = self.step >= tc.steps
+            over_time = tc.time_budget_s > 0 and time.perf_counter() - start >= tc.time_budget_s
+            at_stop = self.stop_at is not None and self.step >= self.stop_at
+            if self.step % tc.log_every == 0 or done or over_time or at_stop:
+                self.log(logs)
+            validated = False
+            if every_val and self.step % every_val == 0 and not done:
+                self.validate()
+                validated = True
+            if done or over_time or at_stop:
+                if not validated and (done or over_time):
+                    self.validate()
+                self.save()
+                stopped_by = "steps" if done else ("time" if over_time else "stop_at")
+                break
+            if self.step % tc.checkpoint_every == 0:
+                self.save()
+        return TrainResult(
+            best_checkpoint=ckpt_mod.best_path(self.run_dir) if ckpt_mod.best_path(self.run_dir).exists() else None,
+            last_checkpoint=self.last_checkpoint,
+            steps=self.step,
+            history=self.history,
+            bad_steps=self.bad_total,
+            stopped_by=stopped_by,
+        )
+
+    def run_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns scalars to log."""
+        t0 = time.perf_counter()
+        self.model.train()
+        self.objective.train()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        loss_sum, terms, bad_loss = self.forward_backward()
+        logs = self.optimize(loss_sum, bad_loss)
+        logs.update({f"train/{k}": v for k, v in terms.items()})
+        dt = time.perf_counter() - t0
+        logs["train/step_time_s"] = dt
+        logs["train/samples_per_s"] = self.cfg.train.batch_size / max(dt, 1e-9)
+        if self.device.type == "cuda":
+            logs["train/max_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            logs["train/max_rss_gb"] = _max_rss_gb()
+        return logs
+
+    def forward_backward(self) -> tuple[float, dict[str, float], bool]:
+        """Accumulate gradients over the micro-batches (losses scaled so gradients AVERAGE)."""
+        tc = self.cfg.train
+        accum = tc.grad_accum
+        scale = 1.0 / accum  # micro / per-rank batch; DDP averages over ranks -> global mean
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        terms_sum: dict[str, float] = {}
+        bad = False
+        for i in range(accum):
+            batch = next(self.batches)
+            self.cursor.consumed()
+            batch = _to_device(batch, self.device)
+            sync = self.ddp is None or i == accum - 1
+            ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
+            with ctx:
+                with autocast(self.device, tc.precision):
+                    out = self.step_module(batch, self.step)
+                loss = out.loss.float()
+                finite = _is_finite(loss)
+                bad = bad or not finite
+                # Backward runs even on a NaN loss: under DDP every rank must reach the gradient
+                # all-reduce; the step is dropped afterwards on all ranks together.
+                self.scaler.scale(loss * scale).backward()
+            loss_sum += float(loss.detach()) * scale if finite else float("nan")
+            for k, v in (out.terms or {}).items():
+                val = float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)
+                terms_sum[k] = terms_sum.get(k, 0.0) + val * scale
+        return loss_sum, terms_sum, bad
+
+    def optimize(self, loss: float, bad_loss: bool) -> dict[str, float]:
+        """Clip, agree on skipping non-finite steps across ranks, step optimizer/scheduler/EMA."""
+        tc = self.cfg.train
+        scaled = self.scaler.is_enabled()
+        grad_norm = float("nan")
+        if not bad_loss:
+            if scaled:
+                self.scaler.unscale_(self.optimizer)
+            max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        bad_grad = not scaled and not math.isfinite(grad_norm) and not bad_loss
+        bad = all_reduce_max_flag(self.dist, bad_loss or bad_grad)
+        logs: dict[str, float] = {}
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            if scaled:
+                self.scaler.update(self.scaler.get_scale() * 0.5)
+            self.bad_in_row += 1
+            self.bad_total += 1
+            logs["train/skipped_step"] = 1.0
+            logger.warning("step %d: non-finite %s; step skipped (%d in a row)", self.step + 1,
+                           "loss" if bad_loss else "gradients", self.bad_in_row)
+            if self.dist.is_main and self.tracker is not None:
+                self.tracker.log({"train/non_finite_steps": self.bad_total}, step=self.step + 1)
+            if self.bad_in_row >= tc.max_bad_steps:
+                raise TrainingError(
+                    f"{self.bad_in_row} non-finite losses in a row at step {self.step + 1}; lower optim.lr "
+                    f"(now {self.cfg.optim.lr:g}) or use precision=fp32/bf16 (now {tc.precision}), "
+                    "and check the data for NaN"
+                )
+        else:
+            if scaled:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.ema.update(self.model)
+            self.bad_in_row = 0
+        with warnings.catch_warnings():  # a skipped step has no optimizer.step(); that is intended
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.scheduler.step()
+        self.step += 1
+        logs.update({
+            "train/loss": loss,
+            "train/grad_norm": grad_norm,
+            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "train/non_finite_steps": float(self.bad_total),
+        })
+        if scaled:
+            logs["train/loss_scale"] = float(self.scaler.get_scale())
+        return logs
+
+    # ------------------------------------------------------------------ logging / validation
+    def log(self, logs: dict[str, float]) -> None:
+        """Mean over ranks, then rank 0 sends the scalars to the tracker."""
+        finite = {k: v for k, v in logs.items() if isinstance(v, float)}
+        reduced = all_reduce_mean(self.dist, finite)
+        if self.dist.is_main:
+            record = {"step": self.step, **reduced}
+            self.history.append(record)
+            self.tracker.log(reduced, step=self.step)
+
+    def validate(self) -> dict[str, float] | None:
+        """Validate with the EMA weights (if configured) and keep ``best.pt`` by validation Dice."""
+        val = self.comps.validator
+        if val is None:
+            return None
+        self.model.eval()
+        use_ema = self.cfg.train.validation.use_ema
+        ctx = self.ema.swapped_in(self.model) if use_ema else contextlib.nullcontext(self.model)
+        with ctx, torch.no_grad():
+            metrics = val(self.model, self.step)
+        self.model.train()
+        if not metrics:
+            return metrics
+        if self.dist.is_main:
+            self.tracker.log({f"val/{k}": v for k, v in metrics.items()}, step=self.step)
+            self.history.append({"step": self.step, **{f"val/{k}": v for k, v in metrics.items()}})
+        dice = metrics.get("dice")
+        if dice is not None and math.isfinite(dice) and (self.best["value"] is None or dice > self.best["value"]):
+            self.best = {"metric": "val/dice", "value": float(dice), "step": self.step}
+            self.save(best=True)
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        rng = ckpt_mod.capture_rng()
+        if self.dist.distributed:
+            from medsegdiff.training.distributed import all_gather_objects
+
+            rng = {"per_rank": all_gather_objects(self.dist, rng)}
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "objective": self.objective.state_dict(),
+            "step": self.step,
+            "rng": rng,
+            "sampler": self.cursor.state,
+            "best": dict(self.best),
+            "bad_total": self.bad_total,
+            "config": to_dict(self.cfg),
+            "calibration": None,
+            "world_size": self.dist.world_size,
+        }
+
+    def save(self, best: bool = False) -> Path | None:
+        """Write ``step_{step}.pt`` (and prune to ``keep_last``) or ``best.pt``; rank 0 writes, all wait."""
+        state = self.state_dict()  # collective under DDP: every rank calls it
+        path = None
+        if self.dist.is_main:
+            if best:
+                path = ckpt_mod.save_checkpoint(ckpt_mod.best_path(self.run_dir), state)
+            else:
+                path = ckpt_mod.save_checkpoint(ckpt_mod.step_path(self.run_dir, self.step), state)
+                ckpt_mod.prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
+        if not best:
+            self.last_checkpoint = ckpt_mod.step_path(self.run_dir, self.step)
+        barrier(self.dist)
+        return path
+
+
+class _JsonlFallback:
+    """metrics.jsonl writer used only when :mod:`medsegdiff.tracking` is unavailable."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.path is None:
+            return
+        import json
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+
+    def log_table(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_images(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _max_rss_gb() -> float:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+    except (ImportError, OSError):  # pragma: no cover - non-Linux
+        return float("nan")
+
+
+def build_components(cfg: ExperimentConfig, run_dir: Path, dist_ctx: DistContext) -> Components:
+    """The real parts: model, objective, training data and validator (see :mod:`.data_setup`)."""
+    from medsegdiff.training.data_setup import build_real_components
+
+    return build_real_components(cfg, run_dir, dist_ctx)
+
+
+def train(
+    cfg: ExperimentConfig,
+    run_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    tracker: Any = None,
+    components: ComponentsFn | None = None,
+    stop_at: int | None = None,
+) -> TrainResult:
+    """Train ``cfg`` into ``run_dir`` (see :class:`Trainer`); ``resume`` continues the newest checkpoint.
+
+    Raises:
+        ConfigError: batch size not divisible by world size x grad_accum, fp16 on the CPU, ...
+        CheckpointError: ``resume`` without a checkpoint, or a corrupt checkpoint.
+        TrainingError: ``train.max_bad_steps`` non-finite steps in a row.
+    """
+    return Trainer(cfg, run_dir, resume=resume, tracker=tracker, components=components, stop_at=stop_at).run()
