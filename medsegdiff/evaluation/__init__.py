@@ -1,0 +1,1 @@
+"""Evaluation of prediction folders against ISLES'24 references (``medsegdiff evaluate``)."""

@@ -1,0 +1,352 @@
+"""Score a folder of predicted masks against ISLES'24 references (``medsegdiff evaluate``).
+
+Predictions are files named by case id, ``sub-strokeNNNN.nii.gz`` (also ``.nii`` / ``.mha``), on
+the reference grid (each patient's native NCCT grid). The reference is either an ISLES'24 data root
+(either release layout; masks found by :func:`medsegdiff.data.discovery.discover_cases`) or a
+folder of reference masks named like the predictions.
+
+Every reference case is scored with :func:`medsegdiff.metrics.isles24.case_metrics`; a missing
+prediction is scored as an empty mask, listed in the summary and reported on stderr. Outputs in
+``out_dir`` (written atomically):
+
+* ``metrics.csv``: one row per case (``case_id``, ``missing_prediction``, then every metric).
+* ``summary.json``: mean / std / median / n per metric, number of cases, missing and extra
+  predictions, IoU threshold and connectivity.
+* ``volume_scatter.png``: predicted vs reference lesion volume (mL), both axes from 0 to the
+  ``volume_scatter_max_ml`` given in the summary; grey diagonal = perfect agreement; red = scored
+  cases, blue = missing predictions.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsegdiff.errors import DataError
+from medsegdiff.metrics.isles24 import METRIC_KEYS, OFFICIAL_METRICS, case_metrics, summarize
+from medsegdiff.utils.io import atomic_write_json, atomic_write_text, atomic_write_with
+
+logger = logging.getLogger(__name__)
+
+CASE_FILE = re.compile(r"^(sub-stroke\d+)\.(nii\.gz|nii|mha)$")
+GRID_TOLERANCE = 1e-3
+CSV_COLUMNS = ("case_id", "missing_prediction", *METRIC_KEYS)
+
+
+# ---------------------------------------------------------------------------------------- files
+
+
+def _case_files(folder: Path, what: str) -> dict[str, Path]:
+    """``{case_id: path}`` for files named ``sub-strokeNNNN.<nii.gz|nii|mha>`` directly in ``folder``."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        m = CASE_FILE.match(path.name)
+        if not m or not path.is_file():
+            continue
+        case_id = m.group(1)
+        if case_id in found:
+            raise DataError(
+                f"{what} folder {folder}: two files for {case_id} ({found[case_id].name}, {path.name}); "
+                "keep one"
+            )
+        found[case_id] = path
+    return found
+
+
+def find_predictions(pred_dir: str | Path) -> dict[str, Path]:
+    """Prediction files in ``pred_dir`` keyed by case id.
+
+    Raises:
+        DataError: the folder does not exist, holds no ``sub-strokeNNNN.nii.gz`` file, or holds
+            two files for one case.
+    """
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise DataError(f"prediction folder {pred_dir} does not exist; pass the folder written by `medsegdiff predict`")
+    found = _case_files(pred_dir, "prediction")
+    if not found:
+        raise DataError(
+            f"prediction folder {pred_dir}: no files named sub-strokeNNNN.nii.gz; "
+            "pass the folder written by `medsegdiff predict` or `medsegdiff baseline`"
+        )
+    return found
+
+
+def find_references(gt: str | Path) -> dict[str, Path]:
+    """Reference masks keyed by case id, from a folder of ``sub-strokeNNNN.nii.gz`` files or a data root.
+
+    Raises:
+        DataError: ``gt`` does not exist or no reference mask is found.
+    """
+    gt = Path(gt)
+    if not gt.is_dir():
+        raise DataError(f"reference {gt} does not exist; pass an ISLES24 data root or a folder of reference masks")
+    found = _case_files(gt, "reference")
+    if found:
+        return found
+    try:
+        from medsegdiff.data.discovery import discover_cases
+    except ImportError:  # pragma: no cover - the data part ships discovery
+        raise DataError(
+            f"reference {gt}: no sub-strokeNNNN.nii.gz masks in it and data-root discovery is unavailable"
+        ) from None
+    result = discover_cases(gt, [], layout="auto")
+    refs = {c.case_id: Path(c.mask) for c in result.cases if getattr(c, "mask", None)}
+    if not refs:
+        raise DataError(
+            f"reference {gt}: found no lesion masks (neither sub-strokeNNNN.nii.gz files nor an ISLES24 "
+            "data root with derivatives/*/ses-02/*lesion-msk.nii.gz); check the path"
+        )
+    return refs
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+def _read_info(path: Path, what: str) -> Any:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise DataError(f"{what} {path}: unreadable ({_first_line(err)}); re-export or replace the file") from None
+    return reader
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if "description" in ln.lower() or "error" in ln.lower()]
+    text = (useful or lines or [type(err).__name__])[-1]
+    return text[:200]
+
+
+def read_mask(path: str | Path, what: str = "mask") -> tuple[np.ndarray, Any]:
+    """Read a binary mask with SimpleITK (scale slope applied), binarised ``> 0``.
+
+    Returns:
+        ``(mask, image)``: bool array ``(Z, Y, X)`` (or ``(Y, X)``) and the ``sitk.Image``.
+
+    Raises:
+        DataError: the file cannot be read or is not a scalar 2-D/3-D image.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise DataError(f"{what} {path}: unreadable ({_first_line(err)}); re-export or replace the file") from None
+    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):
+        raise DataError(
+            f"{what} {path}: expected a scalar 2-D/3-D mask, got {image.GetDimension()}-D with "
+            f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel"
+        )
+    return sitk.GetArrayViewFromImage(image) > 0, image
+
+
+def grid_mismatch(pred: Any, ref: Any, tol: float = GRID_TOLERANCE) -> str | None:
+    """Describe how two grids differ (size, spacing, origin, direction beyond ``tol``), or None.
+
+    Works on anything with ``GetSize/GetSpacing/GetOrigin/GetDirection`` (``sitk.Image``,
+    ``sitk.ImageFileReader`` after ``ReadImageInformation``).
+    """
+    if tuple(pred.GetSize()) != tuple(ref.GetSize()):
+        return f"size {tuple(pred.GetSize())} vs reference {tuple(ref.GetSize())}"
+    for name in ("Spacing", "Origin", "Direction"):
+        a = np.asarray(getattr(pred, f"Get{name}")(), dtype=np.float64)
+        b = np.asarray(getattr(ref, f"Get{name}")(), dtype=np.float64)
+        if a.shape != b.shape or not np.allclose(a, b, rtol=0.0, atol=tol):
+            fa = tuple(round(float(v), 4) for v in a)
+            fb = tuple(round(float(v), 4) for v in b)
+            return f"{name.lower()} {fa} vs reference {fb}"
+    return None
+
+
+# --------------------------------------------------------------------------------- evaluate
+
+
+def evaluate(
+    pred_dir: str | Path,
+    gt: str | Path,
+    out_dir: str | Path,
+    *,
+    iou_threshold: float = 0.5,
+    hd95: bool = True,
+    connectivity: int | None = None,
+    cases: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score every reference case and write ``metrics.csv``, ``summary.json`` and a volume plot.
+
+    Args:
+        pred_dir: folder of predicted masks ``sub-strokeNNNN.nii.gz`` on the reference grids.
+        gt: ISLES'24 data root, or a folder of reference masks named like the predictions.
+        out_dir: where the outputs go (created).
+        iou_threshold: lesion-matching IoU for the lesion-wise F1 (0.5 panoptica default; 0.2 in
+            the organisers' code since 2025-12-16).
+        hd95: also compute HD95 in mm.
+        connectivity: component connectivity; ``None``/0 = official (26 in 3-D, 4 in 2-D).
+        cases: score only these case ids (default: every reference case).
+        progress: show a progress bar.
+
+    Returns:
+        The summary (as in ``summary.json``) plus ``"cases"``: the per-case metric rows.
+
+    Raises:
+        DataError: missing folders, no predictions, a case id asked for without reference, an
+            unreadable file, or prediction grids that differ from their reference.
+    """
+    from tqdm import tqdm
+
+    if not 0.0 < iou_threshold <= 1.0:
+        raise DataError(f"iou_threshold {iou_threshold}: must be in (0, 1]")
+    connectivity = connectivity or None
+    preds = find_predictions(pred_dir)
+    refs = find_references(gt)
+    if cases is not None:
+        unknown = sorted(set(cases) - set(refs))
+        if unknown:
+            raise DataError(f"reference {gt}: no mask for requested case(s) {', '.join(unknown)}")
+        refs = {c: refs[c] for c in sorted(cases)}
+    case_ids = sorted(refs)
+    missing = [c for c in case_ids if c not in preds]
+    extra = sorted(set(preds) - set(refs)) if cases is None else []
+
+    # 1. headers only: every grid problem is reported before any voxel is read
+    problems = []
+    for case_id in case_ids:
+        ref_info = _read_info(refs[case_id], "reference mask")
+        if case_id in preds:
+            pred_info = _read_info(preds[case_id], "prediction")
+            diff = grid_mismatch(pred_info, ref_info)
+            if diff:
+                problems.append(f"{case_id}: {diff}")
+    if problems:
+        more = f" (and {len(problems) - 1} more case(s))" if len(problems) > 1 else ""
+        raise DataError(
+            f"prediction grid differs from the reference grid for {problems[0]}{more}; "
+            "write predictions on the reference (native NCCT) grid"
+        )
+    if missing:
+        logger.warning(
+            "evaluate: no prediction for %d case(s), scored as empty masks: %s", len(missing), ", ".join(missing)
+        )
+    if extra:
+        logger.warning("evaluate: %d prediction(s) without a reference ignored: %s", len(extra), ", ".join(extra))
+
+    # 2. metrics
+    rows: list[dict[str, Any]] = []
+    for case_id in tqdm(case_ids, desc="evaluate", unit="case", disable=not progress):
+        gt_mask, gt_image = read_mask(refs[case_id], "reference mask")
+        if case_id in preds:
+            pred_mask, _ = read_mask(preds[case_id], "prediction")
+        else:
+            pred_mask = np.zeros_like(gt_mask)
+        spacing = tuple(gt_image.GetSpacing())
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        m = case_metrics(
+            pred_mask, gt_mask, voxel_ml, iou_threshold,
+            spacing=spacing[::-1], hd95=hd95, connectivity=connectivity,
+        )
+        rows.append({"case_id": case_id, "missing_prediction": int(case_id in missing), **m})
+
+    # 3. outputs
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "metrics.csv", rows_to_csv(rows))
+    vmax = write_volume_scatter(out_dir / "volume_scatter.png", rows) if rows else 0.0
+    summary: dict[str, Any] = {
+        "n_cases": len(rows),
+        "iou_threshold": iou_threshold,
+        "connectivity": connectivity or "official (26 in 3-D, 4 in 2-D)",
+        "hd95": hd95,
+        "missing_predictions": missing,
+        "extra_predictions": extra,
+        "pred_dir": str(pred_dir),
+        "reference": str(gt),
+        "metrics": summarize(rows),
+        "volume_scatter_max_ml": vmax,
+    }
+    atomic_write_json(out_dir / "summary.json", _json_safe(summary))
+    return {**summary, "cases": rows}
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN -> None so summary.json is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """Per-case rows as CSV text (columns :data:`CSV_COLUMNS`, floats with 10 significant digits)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        cells = []
+        for col in CSV_COLUMNS:
+            v = row[col]
+            cells.append(format(v, ".10g") if isinstance(v, float) else v)
+        writer.writerow(cells)
+    return buf.getvalue()
+
+
+def format_table(summary: dict[str, Any], keys: Sequence[str] = (*OFFICIAL_METRICS, "hd95", "precision", "recall")) -> str:
+    """Compact text table of mean / std / median for the main metrics."""
+    lines = [
+        f"{summary['n_cases']} case(s), IoU threshold {summary['iou_threshold']}, "
+        f"missing predictions: {len(summary['missing_predictions'])}",
+        f"{'metric':<18}{'mean':>10}{'std':>10}{'median':>10}",
+    ]
+    for key in keys:
+        s = summary["metrics"][key]
+        lines.append(f"{key:<18}" + "".join(_fmt(s[k]) for k in ("mean", "std", "median")))
+    return "\n".join(lines)
+
+
+def _fmt(v: float | None) -> str:
+    return f"{'nan':>10}" if v is None or not math.isfinite(v) else f"{v:>10.4f}"
+
+
+def write_volume_scatter(path: Path, rows: Sequence[dict[str, Any]], size: int = 256) -> float:
+    """Raster scatter of predicted (y) vs reference (x) volume in mL, written as PNG with SimpleITK.
+
+    Returns:
+        The axis maximum in mL (both axes run from 0 to it).
+    """
+    import SimpleITK as sitk
+
+    gt_v = np.array([r["gt_volume_ml"] for r in rows], dtype=np.float64)
+    pr_v = np.array([r["pred_volume_ml"] for r in rows], dtype=np.float64)
+    vmax = float(max(gt_v.max(initial=0.0), pr_v.max(initial=0.0))) * 1.05 or 1.0
+    margin = 8
+    span = size - 2 * margin - 1
+    img = np.full((size, size, 3), 255, dtype=np.uint8)
+    # axes (black) and diagonal (grey); row 0 is the top of the picture
+    img[size - margin - 1, margin:size - margin] = 0
+    img[margin:size - margin, margin] = 0
+    diag = np.arange(span + 1)
+    img[size - margin - 1 - diag, margin + diag] = 160
+    for r, g, p in zip(rows, gt_v, pr_v):
+        x = margin + round(g / vmax * span)
+        y = size - margin - 1 - round(p / vmax * span)
+        color = (40, 40, 220) if r.get("missing_prediction") else (220, 30, 30)
+        img[max(y - 2, 0):y + 3, max(x - 2, 0):x + 3] = color
+    image = sitk.GetImageFromArray(img, isVector=True)
+    atomic_write_with(path, lambda tmp: sitk.WriteImage(image, tmp), suffix=".png")
+    return vmax
