@@ -131,18 +131,28 @@ def safe_name(text: str) -> str:
     return text or "run"
 
 
-def run_name(cfg: ExperimentConfig, reference: ExperimentConfig | None = None, *, max_len: int = MAX_NAME) -> str:
+def run_name(
+    cfg: ExperimentConfig,
+    reference: ExperimentConfig | None = None,
+    *,
+    always: Sequence[str] = (),
+    max_len: int = MAX_NAME,
+) -> str:
     """Readable deterministic name: experiment name, changed settings, short config hash.
 
     Args:
         cfg: the resolved config of the run.
         reference: what "changed" is measured against (the experiment file without overrides);
             None = the schema defaults.
+        always: keys shown even when equal to the reference (the swept keys of a sweep).
         max_len: the name is shortened (settings dropped from the end) to at most this length.
     """
     digest = config_hash(cfg)
     head = safe_name(cfg.name)[:40]
-    parts = [safe_name(f"{k}={format_value(v)}")[:40] for k, v in changed_settings(cfg, reference)]
+    flat = flatten(to_dict(cfg))
+    shown = [(k, flat[k]) for k in always if k in flat]
+    shown += [(k, v) for k, v in changed_settings(cfg, reference) if k not in always]
+    parts = [safe_name(f"{k}={format_value(v)}")[:40] for k, v in shown]
     budget = max_len - len(head) - len(digest) - 2
     kept: list[str] = []
     for p in parts:
@@ -268,7 +278,12 @@ def init_run_dir(
     if rd.config.is_file() and resume:
         from medsegdiff.config import load_config
 
-        changed = changed_settings(cfg, load_config(rd.config))
+        old = load_config(rd.config)
+        if old.data.split.file == str(rd.splits) and not cfg.data.split.file:
+            # the pipeline pins the split it saved; that is not a change of settings
+            old = dataclasses.replace(old, data=dataclasses.replace(
+                old.data, split=dataclasses.replace(old.data.split, file="")))
+        changed = changed_settings(cfg, old)
         breaking = [(k, v) for k, v in changed if k.split(".")[0] in RESUME_BREAKING]
         if breaking:
             diff = ", ".join(f"{k}={format_value(v)}" for k, v in breaking[:5])
@@ -276,6 +291,13 @@ def init_run_dir(
                 f"{rd.config}: cannot resume, the model/data/diffusion settings differ ({diff}); "
                 "drop --resume to start a new run or use the saved settings"
             )
+        # keep the data the run was prepared with (cache folder, saved split)
+        saved = load_config(rd.config).data
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data,
+            cache_dir=cfg.data.cache_dir or saved.cache_dir,
+            split=dataclasses.replace(cfg.data.split, file=cfg.data.split.file or saved.split.file),
+        ))
         if changed:
             logger.warning("resuming %s with changed settings: %s", path,
                            ", ".join(f"{k}={format_value(v)}" for k, v in changed[:8]))

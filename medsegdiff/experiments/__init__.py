@@ -1,0 +1,1 @@
+"""Experiments: run directories, the one-command ``run`` pipeline and sweeps."""
