@@ -1,4 +1,4 @@
-"""Model section: which network and its size."""
+"""Model section: which network and its size (see :mod:`medsegdiff.nets`)."""
 
 from __future__ import annotations
 
@@ -12,31 +12,51 @@ from medsegdiff.config.base import bad_value, option
 class ModelConfig:
     name: Literal["medsegdiff_v1", "medsegdiff_v2", "dynunet"] = option("medsegdiff_v1")
     preset: str = option("", doc="informational: the preset block this came from (tiny/small/base/large)")
-    base_channels: int = option(32, ge=1)
-    channel_mult: list[int] = option([1, 2, 4], doc="channel multiplier per level")
-    num_res_blocks: int = option(1, ge=1)
-    attention_resolutions: list[int] = option([], doc="downsample factors (1, 2, 4, ...) with attention")
-    num_heads: int = option(4, ge=1)
+    base_channels: int = option(32, ge=1, doc="channels of the first level of the noisy-mask UNet")
+    condition_channels: int = option(0, ge=0, doc="base channels of the image (condition) encoder; 0 = base_channels")
+    channel_mult: list[int] = option([1, 2, 4], doc="channel multiplier per level; levels-1 downsamplings by 2")
+    num_res_blocks: int = option(1, ge=1, doc="residual blocks per level (encoder; decoder has one more)")
+    attention_resolutions: list[int] = option(
+        [], doc="downsample factors (1, 2, 4, ...) whose level gets self-attention (16 = 16x16 at 256 input)"
+    )
+    mid_attention: bool = option(True, doc="self-attention in the bottleneck")
+    num_heads: int = option(4, ge=1, doc="attention heads (used when num_head_channels == -1)")
     num_head_channels: int = option(-1, doc="channels per head; -1 = use num_heads")
     dropout: float = option(0.0, ge=0.0, lt=1.0)
-    norm_groups: int = option(32, ge=1, doc="max GroupNorm groups; reduced to a divisor of each width")
-    use_scale_shift_norm: bool = option(True)
+    norm_groups: int = option(32, ge=1, doc="max GroupNorm groups; reduced to the largest divisor of each width")
+    use_scale_shift_norm: bool = option(True, doc="time embedding as GroupNorm scale and shift (else added)")
     use_checkpoint: bool = option(False, doc="activation checkpointing (training memory)")
-    ff_parser: bool = option(True, doc="V1/V2: FF-Parser on the noisy-mask features")
+    ff_parser: bool = option(True, doc="V1: FF-Parser (learnable Fourier filter) on the noisy-mask features")
     # V2 specifics (arXiv 2301.11798)
     anchor: bool = option(True, doc="V2: anchor condition (segmentation head + uncertain spatial attention)")
+    anchor_channels: int = option(0, ge=0, doc="V2: width of the anchor head; 0 = condition base channels")
+    anchor_detach: bool = option(False, doc="V2: stop diffusion-loss gradients into the anchor head")
     usa_kernel: int = option(5, ge=1, doc="V2: Gaussian kernel size of the uncertain spatial attention")
+    usa_learnable: bool = option(True, doc="V2: learn the Gaussian width of U-SA (else fixed)")
     ssformer_depth: int = option(1, ge=0, doc="V2: spectrum-space transformer blocks at the bottleneck")
     nbp_bands: int = option(4, ge=1, doc="V2: learnable frequency bands of the neural band-pass filter")
     # discriminative baseline (MONAI DynUNet)
-    dynunet_filters: list[int] = option([16, 32, 64, 128], doc="DynUNet filters per level")
-    deep_supervision: bool = option(False)
-    channels_last: bool = option(False)
+    dynunet_filters: list[int] = option([16, 32, 64, 128], doc="DynUNet filters per level (levels = length)")
+    dynunet_res_block: bool = option(False, doc="DynUNet residual blocks (nnU-Net default: plain)")
+    channels_last: bool = option(False, doc="channels_last memory format (GPU speed)")
     compile: bool = option(False, doc="torch.compile the model")
 
     def validate(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
         if not self.channel_mult or any(m < 1 for m in self.channel_mult):
             raise bad_value(f"{p}channel_mult", self.channel_mult, "allowed: a non-empty list of positive integers")
+        max_factor = 2 ** (len(self.channel_mult) - 1)
+        for i, f in enumerate(self.attention_resolutions):
+            if f < 1 or f & (f - 1) or f > max_factor:
+                allowed = [2**k for k in range(len(self.channel_mult))]
+                raise bad_value(
+                    f"{p}attention_resolutions[{i}]", f,
+                    f"allowed: downsample factors {allowed} (powers of two up to 2^(levels-1) for "
+                    f"channel_mult {self.channel_mult})",
+                )
+        if self.num_head_channels != -1 and self.num_head_channels < 1:
+            raise bad_value(f"{p}num_head_channels", self.num_head_channels, "allowed: -1 or a positive integer")
         if self.usa_kernel % 2 == 0:
             raise bad_value(f"{p}usa_kernel", self.usa_kernel, "allowed: an odd integer")
+        if len(self.dynunet_filters) < 2 or any(f < 1 for f in self.dynunet_filters):
+            raise bad_value(f"{p}dynunet_filters", self.dynunet_filters, "allowed: two or more positive integers")

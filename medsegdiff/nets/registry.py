@@ -1,0 +1,95 @@
+"""Build a network from an experiment config: ``build_model(cfg)`` by ``cfg.model.name``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn as nn
+
+from medsegdiff.errors import ConfigError
+
+__all__ = ["MODELS", "build_model", "model_size", "register_model"]
+
+Builder = Callable[..., nn.Module]
+MODELS: dict[str, Builder] = {}
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator adding a builder ``fn(cfg) -> nn.Module`` to :data:`MODELS` under ``name``."""
+
+    def deco(fn: Builder) -> Builder:
+        MODELS[name] = fn
+        return fn
+
+    return deco
+
+
+def model_size(cfg) -> tuple[int, ...]:
+    """Spatial input size: ``(image_size, image_size)`` in 2-D, ``data.patch_size`` (D, H, W) in 3-D."""
+    if cfg.data.dims == 2:
+        return (cfg.data.image_size, cfg.data.image_size)
+    return tuple(cfg.data.patch_size)
+
+
+def _spec(cfg):
+    from medsegdiff.nets.unet import NetSpec
+
+    return NetSpec.from_config(
+        cfg.model,
+        in_channels=cfg.data.in_channels,
+        size=model_size(cfg),
+        dims=cfg.data.dims,
+        out_channels=2 if cfg.diffusion.learn_sigma else 1,
+    )
+
+
+@register_model("medsegdiff_v1")
+def _build_v1(cfg) -> nn.Module:
+    from medsegdiff.nets.medsegdiff_v1 import MedSegDiffV1
+
+    return MedSegDiffV1(_spec(cfg), ff_parser=cfg.model.ff_parser)
+
+
+@register_model("medsegdiff_v2")
+def _build_v2(cfg) -> nn.Module:
+    from medsegdiff.nets.medsegdiff_v2 import MedSegDiffV2
+
+    m = cfg.model
+    return MedSegDiffV2(
+        _spec(cfg),
+        anchor=m.anchor,
+        anchor_channels=m.anchor_channels,
+        anchor_detach=m.anchor_detach,
+        usa_kernel=m.usa_kernel,
+        usa_learnable=m.usa_learnable,
+        ssformer_depth=m.ssformer_depth,
+        nbp_bands=m.nbp_bands,
+    )
+
+
+@register_model("dynunet")
+def _build_dynunet(cfg) -> nn.Module:
+    from medsegdiff.nets.baseline import DynUNetBaseline
+
+    return DynUNetBaseline(
+        cfg.data.in_channels, model_size(cfg), cfg.model.dynunet_filters, res_block=cfg.model.dynunet_res_block
+    )
+
+
+def build_model(cfg) -> nn.Module:
+    """The network named by ``cfg.model.name`` for ``cfg.data`` geometry and ``cfg.diffusion.learn_sigma``.
+
+    The model is on the CPU in float32, not compiled; ``cfg.model.channels_last`` and
+    ``cfg.model.compile`` are applied by the caller (trainer / sampler).
+
+    Raises:
+        ConfigError: unknown name (lists the known ones) or an impossible geometry.
+    """
+    name = cfg.model.name
+    try:
+        builder = MODELS[name]
+    except KeyError:
+        raise ConfigError(
+            f"config key 'model.name': got {name!r}; known models: {', '.join(sorted(MODELS))}"
+        ) from None
+    return builder(cfg)
