@@ -1,0 +1,180 @@
+"""make_tracker: metrics.jsonl always, W&B offline by default, failures warn once and never raise."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from medsegdiff.config import load_config
+from medsegdiff.tracking import make_tracker, read_metrics, wandb_location
+from medsegdiff.tracking.base import to_scalar
+from medsegdiff.tracking.png import encode_png
+from medsegdiff.tracking.wandb_tracker import is_logged_in, resolve_mode
+
+
+def cfg_with(*overrides: str):
+    return load_config(None, list(overrides))
+
+
+def test_jsonl_records_every_call_with_step_and_time(tmp_path):
+    t = make_tracker(cfg_with("tracking.backend=none"), tmp_path)
+    t.log({"loss": torch.tensor(0.25), "lr": np.float32(0.5), "n": np.int64(3), "bad": float("nan")}, step=7)
+    t.log_table("cases", ["case", "dice"], [["sub-stroke0001", np.float64(0.5)]], step=7)
+    t.log_images("overlay", {"a": np.zeros((4, 6, 3), dtype=np.float32)}, step=8)
+    t.finish()
+    t.finish()  # idempotent
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert recs[0]["step"] == 7 and recs[0]["loss"] == 0.25 and recs[0]["lr"] == 0.5 and recs[0]["n"] == 3
+    assert recs[0]["bad"] is None  # JSON has no NaN
+    assert isinstance(recs[0]["time"], float)
+    assert recs[1] == {**recs[1], "table": "cases", "columns": ["case", "dice"], "rows": [["sub-stroke0001", 0.5]]}
+    png = tmp_path / recs[2]["files"]["a"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_jsonl_lines_are_flushed_immediately(tmp_path):
+    t = make_tracker(cfg_with("tracking.backend=none"), tmp_path)
+    t.log({"x": 1}, step=1)
+    # read while the tracker is still open (a crash after this line keeps it)
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["x"] == 1
+    t.finish()
+
+
+def test_png_encoding_roundtrip_pixels():
+    img = np.array([[0, 255], [128, 64]], dtype=np.uint8)
+    data = encode_png(img)
+    # IHDR: width 2, height 2, bit depth 8, colour type 0 (grey)
+    assert data[16:24] == (2).to_bytes(4, "big") + (2).to_bytes(4, "big")
+    assert data[24:26] == bytes([8, 0])
+    idat_len = int.from_bytes(data[33:37], "big")
+    raw = zlib.decompress(data[41:41 + idat_len])
+    assert raw == b"\x00\x00\xff\x00\x80\x40"  # filter byte 0 + row pixels
+
+
+def test_to_scalar_rejects_vectors():
+    with pytest.raises(TypeError, match="2 elements"):
+        to_scalar(torch.ones(2))
+
+
+def test_wandb_fake_offline_default_gets_config_and_metrics(tmp_path, fake_wandb):
+    cfg = cfg_with("tracking.project=p", "tracking.group=g", "tracking.tags=[a,b]")
+    t = make_tracker(cfg, tmp_path / "run", wandb_module=fake_wandb)
+    t.log({"loss": 0.5}, step=3)
+    t.log_table("tab", ["c"], [[1]], step=3)
+    t.finish()
+    init = fake_wandb.inits[0]
+    assert init["mode"] == "offline"
+    assert init["dir"] == str(tmp_path / "run")
+    assert init["project"] == "p" and init["group"] == "g" and init["tags"] == ["a", "b"]
+    assert init["name"] == "run"  # the run directory name
+    assert init["config"]["tracking"]["project"] == "p"  # the resolved config is logged
+    assert init["settings"].kw["init_timeout"] == 60.0
+    assert fake_wandb.logged[0] == ({"loss": 0.5}, 3)
+    assert fake_wandb.runs[0].finished
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[0]["loss"] == 0.5
+
+
+def test_wandb_resume_reuses_run_id(tmp_path, fake_wandb):
+    cfg = cfg_with()
+    make_tracker(cfg, tmp_path, wandb_module=fake_wandb).finish()
+    make_tracker(cfg, tmp_path, wandb_module=fake_wandb).finish()
+    assert fake_wandb.inits[0]["id"] == fake_wandb.inits[1]["id"]
+    assert fake_wandb.inits[1]["resume"] == "allow"
+
+
+@pytest.fixture
+def raising_wandb(fake_wandb):
+    fake_wandb.log_raises = True
+    return fake_wandb
+
+
+def test_failing_wandb_log_does_not_stop_and_warns_once(tmp_path, raising_wandb, caplog):
+    t = make_tracker(cfg_with(), tmp_path, wandb_module=raising_wandb)
+    with caplog.at_level(logging.WARNING, logger="medsegdiff.tracking"):
+        for step in range(5):
+            t.log({"loss": 1.0 / (step + 1)}, step=step)
+        t.log_table("x", ["a"], [[1]], step=5)
+        t.finish()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "log" in warnings[0].getMessage()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r] == [0, 1, 2, 3, 4]
+
+
+def test_wandb_that_cannot_start_warns_once_and_jsonl_goes_on(tmp_path, fake_wandb, caplog):
+    fake_wandb.init_raises = True
+    with caplog.at_level(logging.WARNING, logger="medsegdiff.tracking"):
+        t = make_tracker(cfg_with(), tmp_path, wandb_module=fake_wandb)
+        t.log({"a": 1}, step=1)
+        t.finish()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "could not start" in warnings[0].getMessage()
+    assert wandb_location(t) is None
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["a"] == 1
+
+
+def test_training_goes_on_when_the_tracker_raises(tmp_path, raising_wandb, caplog):
+    """A real (tiny) optimisation loop logging through a failing W&B finishes and learns."""
+    tracker = make_tracker(cfg_with(), tmp_path, wandb_module=raising_wandb)
+    w = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1)
+    with caplog.at_level(logging.WARNING, logger="medsegdiff.tracking"):
+        for step in range(50):
+            loss = (w - 3.0).pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tracker.log({"loss": loss.detach()}, step=step)
+        tracker.finish()
+    assert abs(w.item() - 3.0) < 1e-3
+    assert sum(r.levelno == logging.WARNING for r in caplog.records) == 1
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 50
+
+
+def test_auto_mode_online_only_when_logged_in(tmp_path):
+    assert resolve_mode("auto", {"NETRC": str(tmp_path / "none")}) == "offline"
+    assert resolve_mode("auto", {"WANDB_API_KEY": "k"}) == "online"
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
+    netrc.chmod(0o600)
+    assert is_logged_in({"NETRC": str(netrc)})
+    assert resolve_mode("auto", {"NETRC": str(netrc)}) == "online"
+    assert resolve_mode("online", {"WANDB_MODE": "offline"}) == "offline"
+    assert resolve_mode("offline", {}) == "offline"
+
+
+def test_nonzero_rank_logs_nothing(tmp_path, monkeypatch, fake_wandb):
+    monkeypatch.setenv("RANK", "1")
+    t = make_tracker(cfg_with(), tmp_path, wandb_module=fake_wandb)
+    t.log({"a": 1}, step=1)
+    t.finish()
+    assert not (tmp_path / "metrics.jsonl").exists() and not fake_wandb.inits
+
+
+def test_importing_tracking_does_not_import_wandb():
+    import subprocess
+
+    code = "import sys, medsegdiff.tracking, medsegdiff.tracking.wandb_tracker; print('wandb' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_real_wandb_offline_run_lives_in_run_dir(tmp_path, monkeypatch):
+    """The real wandb package, offline: the run folder is under run_dir/wandb and holds the metrics."""
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    t = make_tracker(cfg_with("tracking.mode=offline"), tmp_path)
+    t.log({"quickstart_metric_xyz": 0.125}, step=2)
+    mode, offline = wandb_location(t)
+    t.finish()
+    assert mode == "offline"
+    assert offline.parent == tmp_path / "wandb" and offline.name.startswith("offline-run-")
+    data = b"".join(p.read_bytes() for p in offline.glob("run-*.wandb"))
+    assert b"quickstart_metric_xyz" in data and b"0.125" in data
