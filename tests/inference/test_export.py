@@ -43,13 +43,10 @@ NATIVE = Geo(size=(40, 44, 7), spacing=(0.45, 0.42, 2.0), origin=(12.5, -30.25, 
 
 
 def _cache_geometry(native: Geo, image_size: int) -> Geo:
-    """In-plane resampling to image_size x image_size with the same physical extent (pixel centres)."""
-    size = (image_size, image_size, native.size[2])
-    spacing = tuple(native.spacing[i] * native.size[i] / size[i] for i in range(3))
-    d = np.array(native.direction).reshape(3, 3)
-    shift = d @ (0.5 * (np.array(spacing) - np.array(native.spacing)))
-    return Geo(size=size, spacing=spacing, origin=tuple((np.array(native.origin) + shift).tolist()),
-               direction=native.direction)
+    """The cache grid exactly as ``medsegdiff prepare`` builds it."""
+    from medsegdiff.data.preprocess import cache_geometry
+
+    return cache_geometry(native, image_size)
 
 
 def _reference_blob(native: Geo) -> np.ndarray:

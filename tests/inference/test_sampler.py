@@ -88,3 +88,24 @@ def test_bad_arguments_raise(tiny_model, tiny_diffusion):
     with pytest.raises(ValueError, match="noise must have shape"):
         sample_probabilities(tiny_model, tiny_diffusion, _images(1), members=2,
                              noise=torch.zeros(1, 1, 1, 8, 8))
+
+
+@pytest.mark.parametrize("name", ["medsegdiff_v1", "medsegdiff_v2"])
+def test_real_networks_fast_equals_naive(name, parts):
+    from medsegdiff.config.loader import config_from_dict
+    from medsegdiff.nets.registry import build_model
+
+    cfg = config_from_dict({
+        "model": {"name": name, "base_channels": 8, "channel_mult": [1, 2], "norm_groups": 4,
+                  "attention_resolutions": [2], "num_heads": 2},
+        "data": {"image_size": 8, "modalities": ["cbf", "tmax"]},
+    })
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    diffusion = parts.make_diffusion("3")
+    images = _images(3)
+    fast = sample_probabilities(model, diffusion, images, members=2, batch_size=4, eta=0.5,
+                                generator=torch.Generator().manual_seed(9))
+    naive = sample_probabilities(model, diffusion, images, members=2, naive=True, eta=0.5,
+                                 generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(fast, naive, atol=1e-5, rtol=0)

@@ -1,0 +1,201 @@
+"""Sampling speed: seconds per volume for a preset, respacing and ensemble size, vs the naive way.
+
+The fast path is :func:`medsegdiff.inference.sampler.sample_probabilities` (all slices and members
+batched, image encoded once per slice). The naive path is what the official MedSegDiff does: one
+slice and one member at a time, the image re-encoded at every step. The naive path is timed on a
+few (slice, member) pairs and extrapolated linearly to the whole volume (its cost is exactly
+proportional to the number of pairs). On a GPU the fast path is also timed in bf16 and bf16 +
+``torch.compile``; model FLOP/s are counted with ``torch.utils.flop_counter.FlopCounterMode``
+(one denoising step, times steps, plus the image encodings) and compared with the device's peak.
+
+Example: ``medsegdiff bench sample --preset small --shape 256x256x70 --respacing ddim250 --members 5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+#: Dense peak TFLOP/s per device family (bf16 tensor cores, fp32 without TF32).
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.0, "fp32": 91.6},
+    "A10": {"bf16": 125.0, "fp32": 31.2},
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="model block configs/model/<preset>.yaml (tiny, small, base, large)")
+    p.add_argument("--model", default="", help="network name (medsegdiff_v1, medsegdiff_v2); default: the config's")
+    p.add_argument("--shape", default="64x64x8", help="volume H x W x Z (Z slices of H x W)")
+    p.add_argument("--channels", type=int, default=5, help="input modalities")
+    p.add_argument("--respacing", default="ddim10", help="sampling respacing (ddim250, ddim50, 100, ...)")
+    p.add_argument("--members", type=int, default=3, help="ensemble members")
+    p.add_argument("--batch-size", type=int, default=64, help="(slice, member) pairs per network call")
+    p.add_argument("--naive-pairs", type=int, default=2, help="(slice, member) pairs timed on the naive path")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--no-compile", action="store_true", help="GPU: skip the torch.compile variant")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+
+
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    from medsegdiff.errors import ConfigError
+
+    try:
+        h, w, z = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--shape {text!r}: expected HxWxZ, e.g. 256x256x70") from None
+    if h != w or min(h, w, z) < 1:
+        raise ConfigError(f"--shape {text!r}: H and W must be equal (data.image_size) and all sizes >= 1")
+    return h, w, z
+
+
+def build_config(preset: str, model: str, image_size: int, channels: int, respacing: str) -> Any:
+    """An ExperimentConfig with the preset's model block at ``image_size`` and ``channels`` inputs."""
+    from medsegdiff.config.base import deep_merge
+    from medsegdiff.config.data import MODALITIES
+    from medsegdiff.config.loader import config_from_dict, configs_dir, read_yaml
+    from medsegdiff.errors import ConfigError
+
+    path = configs_dir() / "model" / f"{preset}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--preset {preset!r}: no {path}; use one of tiny, small, base, large")
+    data = deep_merge(read_yaml(path), {
+        "data": {"image_size": image_size, "modalities": list(MODALITIES[:channels])},
+        "diffusion": {"respacing": respacing},
+        "device": "auto",
+    })
+    if model:
+        data = deep_merge(data, {"model": {"name": model}})
+    return config_from_dict(data)
+
+
+def _peak(device_name: str) -> dict[str, float] | None:
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in device_name:
+            return peaks
+    return None
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _count_flops(model: Any, images: Any, members: int, batch_size: int, precision: str) -> dict[str, float]:
+    """FLOPs of one denoising call per (slice, member) pair and of one image encoding per slice."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from medsegdiff.inference.sampler import _autocast
+    from medsegdiff.nets.blocks import repeat_features
+
+    spc = max(1, batch_size // members)
+    img = images[:spc]
+    nm = min(members, batch_size)
+    with torch.inference_mode(), _autocast(images.device, precision):
+        with FlopCounterMode(display=False) as enc:
+            feats = model.encode_image(img)
+        feats = repeat_features(list(feats), nm)
+        x = torch.randn(img.shape[0] * nm, 1, *img.shape[2:], device=images.device)
+        t = torch.full((x.shape[0],), 500, device=images.device, dtype=torch.long)
+        with FlopCounterMode(display=False) as step:
+            model(x, t, image_features=feats)
+    return {"step_per_pair": step.get_total_flops() / x.shape[0], "encode_per_slice": enc.get_total_flops() / img.shape[0]}
+
+
+def _time_fast(model, diffusion, images, members, batch_size, precision, warm_diffusion) -> tuple[float, float]:
+    import torch
+
+    from medsegdiff.inference.sampler import sample_probabilities
+
+    device = images.device
+    sample_probabilities(model, warm_diffusion, images, members=members, batch_size=batch_size, precision=precision,
+                         generator=torch.Generator(device=device).manual_seed(0))  # warm-up (and compilation)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    sample_probabilities(model, diffusion, images, members=members, batch_size=batch_size, precision=precision,
+                         generator=torch.Generator(device=device).manual_seed(0))
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    return seconds, peak
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import resource
+
+    import torch
+
+    from medsegdiff.diffusion.factory import build_diffusion
+    from medsegdiff.nets.registry import build_model
+    from medsegdiff.utils.runtime import resolve_device, torch_threads
+
+    h, w, z = _parse_shape(args.shape)
+    cfg = build_config(args.preset, args.model, h, args.channels, args.respacing)
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device).eval()
+    diffusion = build_diffusion(cfg.diffusion, args.respacing)
+    warm = build_diffusion(cfg.diffusion, "2")
+    steps = int(diffusion.num_timesteps)
+    images = torch.randn(z, cfg.data.in_channels, h, w, generator=torch.Generator().manual_seed(1)).to(device)
+    pairs = z * args.members
+    n_params = sum(p.numel() for p in model.parameters())
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "model": cfg.model.name, "preset": args.preset, "parameters": n_params,
+        "shape_hwz": [h, w, z], "in_channels": cfg.data.in_channels, "respacing": args.respacing, "steps": steps,
+        "members": args.members, "batch_size": args.batch_size, "network_calls_per_volume_naive": pairs * steps,
+    }
+    with torch_threads(args.threads or None):
+        variants = [("fp32", "fp32", False)]
+        if device.type == "cuda":
+            variants.append(("bf16", "bf16", False))
+            if not args.no_compile:
+                variants.append(("bf16_compiled", "bf16", True))
+        flops = _count_flops(model, images, args.members, args.batch_size, "fp32")
+        total_flops = flops["step_per_pair"] * pairs * steps + flops["encode_per_slice"] * z
+        result["gflop_per_volume"] = round(total_flops / 1e9, 3)
+        peaks = _peak(result["device"]) if device.type == "cuda" else None
+        fast: dict[str, Any] = {}
+        for name, precision, compiled in variants:
+            net = torch.compile(model, dynamic=False) if compiled else model
+            seconds, peak_mb = _time_fast(net, diffusion, images, args.members, args.batch_size, precision, warm)
+            entry = {"seconds_per_volume": round(seconds, 4), "peak_memory_mb": round(peak_mb, 1),
+                     "tflops_achieved": round(total_flops / seconds / 1e12, 4)}
+            if peaks is not None:
+                entry["fraction_of_peak"] = round(total_flops / seconds / (peaks[precision] * 1e12), 4)
+                entry["peak_tflops"] = peaks[precision]
+            fast[name] = entry
+        result["fast"] = fast
+        if not args.no_naive:
+            from medsegdiff.inference.sampler import sample_probabilities
+
+            n_pairs = max(1, min(args.naive_pairs, pairs))
+            m = min(args.members, n_pairs)
+            n_slices = max(1, n_pairs // m)
+            sub = images[:n_slices]
+            sample_probabilities(model, warm, sub[:1], members=1, naive=True)  # warm-up
+            _sync(device)
+            t0 = time.perf_counter()
+            sample_probabilities(model, diffusion, sub, members=m, naive=True, precision="fp32",
+                                 generator=torch.Generator(device=device).manual_seed(0))
+            _sync(device)
+            measured = time.perf_counter() - t0
+            per_volume = measured * pairs / (n_slices * m)
+            result["naive"] = {"pairs_timed": n_slices * m, "seconds_measured": round(measured, 4),
+                               "seconds_per_volume_extrapolated": round(per_volume, 4)}
+            result["speedup_fp32"] = round(per_volume / fast["fp32"]["seconds_per_volume"], 2)
+            best = min(fast.values(), key=lambda e: e["seconds_per_volume"])
+            result["speedup_best"] = round(per_volume / best["seconds_per_volume"], 2)
+    result["process_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return result
