@@ -99,6 +99,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     bad_steps: int = 0
     stopped_by: str = "steps"
+    run_dir: Path | None = None
 
 
 class _StepModule(nn.Module):
@@ -140,6 +141,7 @@ class _BatchCursor:
         empty_passes = 0
         while True:
             got = False
+            epoch_before = getattr(self.sampler, "epoch", None)
             for key in self.sampler:
                 got = True
                 buf.append(key)
@@ -151,9 +153,10 @@ class _BatchCursor:
             empty_passes = 0 if got else empty_passes + 1
             if empty_passes >= 2:
                 raise TrainingError("the training sampler yields no samples; check the training split and data")
+            # Samplers that do not move to the next epoch by themselves are told to.
             set_epoch = getattr(self.sampler, "set_epoch", None)
-            if callable(set_epoch) and not getattr(self.sampler, "auto_epoch", False):
-                set_epoch(int(getattr(self.sampler, "epoch", 0)) + 1)
+            if callable(set_epoch) and epoch_before is not None and self.sampler.epoch == epoch_before:
+                set_epoch(int(epoch_before) + 1)
 
     def consumed(self) -> None:
         self.state = self.pending.popleft()
@@ -214,8 +217,7 @@ class Trainer:
             self._det_prev = (torch.are_deterministic_algorithms_enabled(),
                               torch.is_deterministic_algorithms_warn_only_enabled())
             torch.use_deterministic_algorithms(True, warn_only=True)
-        # Per-rank seeds: diffusion noise and timesteps must differ between ranks.
-        seed_everything(cfg.seed + 1_000_003 * self.dist.rank)
+        seed_everything(cfg.seed)  # identical initial weights on every rank
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not self.resume or not (self.run_dir / "config.yaml").exists():
@@ -224,6 +226,8 @@ class Trainer:
         fn = self.components_fn or build_components
         comps = fn(cfg, self.run_dir, self.dist)
         self.comps = comps
+        # Per-rank seeds from here on: diffusion noise and timesteps must differ between ranks.
+        seed_everything(cfg.seed + 1_000_003 * self.dist.rank)
         self.model = comps.model.to(self.device)
         if cfg.model.channels_last and self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -368,6 +372,7 @@ class Trainer:
             history=self.history,
             bad_steps=self.bad_total,
             stopped_by=stopped_by,
+            run_dir=self.run_dir,
         )
 
     def run_step(self) -> dict[str, float]:
@@ -611,3 +616,52 @@ def train(
         TrainingError: ``train.max_bad_steps`` non-finite steps in a row.
     """
     return Trainer(cfg, run_dir, resume=resume, tracker=tracker, components=components, stop_at=stop_at).run()
+
+
+def train_from_cli(
+    config: str | None,
+    overrides: list[str],
+    *,
+    run_dir: str | None = None,
+    resume: bool = False,
+    resume_dir: str | None = None,
+    command: list[str] | None = None,
+) -> TrainResult | None:
+    """What ``medsegdiff train`` does: resolve config and run directory, then :func:`train`.
+
+    ``config`` may be omitted with ``resume_dir`` (its ``config.yaml`` is used). An override given
+    where the config belongs (``medsegdiff train --resume DIR k=v``) is treated as an override.
+    Every rank of a torchrun launch gets the same run directory. Returns the result on rank 0
+    (``run_dir`` attribute added), None on the other ranks.
+
+    Raises:
+        ConfigError: no config and no run directory to resume.
+        CheckpointError: resuming with changed model/data/diffusion settings.
+    """
+    import dataclasses
+
+    from medsegdiff.config import load_config
+    from medsegdiff.errors import ConfigError
+    from medsegdiff.experiments.rundir import init_shared_run_dir
+
+    if config is not None and "=" in config and not Path(config).is_file():
+        overrides, config = [config, *overrides], None
+    if config is None:
+        if resume_dir is None:
+            raise ConfigError("medsegdiff train needs a config file (e.g. experiments/quickstart.yaml) "
+                              "or --resume RUN_DIR")
+        config = str(Path(resume_dir) / "config.yaml")
+        if not Path(config).is_file():
+            raise CheckpointError(f"{config}: not a run directory (no config.yaml); check the --resume path")
+    reference = load_config(config)
+    cfg = load_config(config, overrides)
+    target = run_dir or resume_dir
+    if target:
+        cfg = dataclasses.replace(cfg, run_dir=str(target))
+        reference = dataclasses.replace(reference, run_dir=str(target))
+    rd, cfg = init_shared_run_dir(cfg, reference, resume=resume, command=command)
+    has_ckpt = ckpt_mod.find_latest(rd.root) is not None
+    if resume and not has_ckpt:
+        logger.warning("%s has no checkpoint yet: training from the start", rd.root)
+    result = train(cfg, rd.root, resume=resume and has_ckpt)
+    return result if int(os.environ.get("RANK", "0") or 0) == 0 else None
