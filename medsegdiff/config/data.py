@@ -77,6 +77,12 @@ class DataConfig:
     windows: dict[str, list[float]] = option(DEFAULT_WINDOWS, doc="per-modality [low, high] clip window")
     equalize: bool = option(False, doc="histogram-equalise inside the positive mask after windowing")
     brain_mask: bool = option(False, doc="zero everything outside an NCCT-derived brain mask")
+    brain_mask_source: Literal["auto", "ncct", "perfusion"] = option(
+        "auto", doc="brain mask from NCCT 1-100 HU (needs ncct in modalities) or the perfusion-map support; auto = ncct if loaded"
+    )
+    mask_resample: Literal["soft", "nearest"] = option(
+        "soft", doc="lesion mask to the cache grid: soft = anti-aliased linear then >= 0.5, or nearest"
+    )
     image_size: int = option(64, ge=8, doc="in-plane size after resampling (H = W)")
     context_slices: int = option(0, ge=0, doc="neighbouring slices on each side as extra channels (2.5D)")
     dims: Literal[2, 3] = option(2, doc="2 = slice dataset, 3 = patch dataset")
