@@ -110,7 +110,7 @@ def _count_flops(model: Any, images: Any, members: int, batch_size: int, precisi
     return {"step_per_pair": step.get_total_flops() / x.shape[0], "encode_per_slice": enc.get_total_flops() / img.shape[0]}
 
 
-def _time_fast(model, diffusion, images, members, batch_size, precision, warm_diffusion) -> tuple[float, float]:
+def _time_fast(model, diffusion, images, members, batch_size, precision, warm_diffusion) -> tuple[float, float | None]:
     import torch
 
     from medsegdiff.inference.sampler import sample_probabilities
@@ -126,7 +126,7 @@ def _time_fast(model, diffusion, images, members, batch_size, precision, warm_di
                          generator=torch.Generator(device=device).manual_seed(0))
     _sync(device)
     seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return seconds, peak
 
 
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, precision, compiled in variants:
             net = torch.compile(model, dynamic=False) if compiled else model
             seconds, peak_mb = _time_fast(net, diffusion, images, args.members, args.batch_size, precision, warm)
-            entry = {"seconds_per_volume": round(seconds, 4), "peak_memory_mb": round(peak_mb, 1),
+            entry = {"seconds_per_volume": round(seconds, 4), "peak_memory_mb": None if peak_mb is None else round(peak_mb, 1),
                      "tflops_achieved": round(total_flops / seconds / 1e12, 4)}
             if peaks is not None:
                 entry["fraction_of_peak"] = round(total_flops / seconds / (peaks[precision] * 1e12), 4)

@@ -102,12 +102,18 @@ def _check_cache_fits(manifest: Any, cfg: Any, path: Path) -> None:
 
 
 def _prepare_raw(path: Path, out_dir: Path, cfg: Any, progress: bool) -> Any:
+    """Prepare a raw root or case folder with the checkpoint's data settings into ``out_dir/_cache``."""
+    import inspect
+
     from medsegdiff.data.preprocess import prepare_dataset
 
     tag = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
     name = re.sub(r"[^A-Za-z0-9._-]", "_", path.resolve().name) or "data"
     cache_dir = out_dir / CACHE_SUBDIR / f"{name}-{tag}"
-    return prepare_dataset(path, cache_dir, cfg.data, progress=progress)
+    kwargs: dict[str, Any] = {"progress": progress}
+    if "require_mask" in inspect.signature(prepare_dataset).parameters:
+        kwargs["require_mask"] = False  # prediction needs no reference mask
+    return prepare_dataset(path, cache_dir, cfg.data, **kwargs)
 
 
 def resolve_sources(
@@ -256,10 +262,7 @@ def predict(
 
     respacing = inf.respacing or cfg.diffusion.respacing
     is_diffusion = bool(getattr(model, "is_diffusion", True))
-    try:
-        diffusion = build_diffusion(cfg.diffusion, respacing) if is_diffusion else None
-    except ValueError as err:
-        raise ConfigError(f"config key 'diffusion.respacing': got {respacing!r}; {err}") from None
+    diffusion = build_diffusion(cfg.diffusion, respacing) if is_diffusion else None  # ConfigError if invalid
     members = inf.ensemble if is_diffusion else 1
 
     threshold, threshold_source = float(inf.threshold), "inference.threshold"
