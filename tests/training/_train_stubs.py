@@ -107,7 +107,7 @@ class StubSampler:
 
 
 def make_components(noise: float = 0.0, nan_steps: tuple[int, ...] = (), dropout: float = 0.0,
-                    learn_weight: bool = False, n: int = 32):
+                    learn_weight: bool = False, n: int = 32, nan_rank: int | None = None):
     from medsegdiff.training.trainer import Components
 
     def factory(cfg, run_dir, dist_ctx):
@@ -115,7 +115,10 @@ def make_components(noise: float = 0.0, nan_steps: tuple[int, ...] = (), dropout
         model = TinyNet(dropout=dropout)
         return Components(
             model=model,
-            objective=StubObjective(noise=noise, nan_steps=nan_steps, learn_weight=learn_weight),
+            objective=StubObjective(
+                noise=noise, nan_steps=nan_steps if nan_rank in (None, dist_ctx.rank) else (),
+                learn_weight=learn_weight,
+            ),
             dataset=StubDataset(n=n),
             sampler=StubSampler(n, seed=cfg.seed, rank=dist_ctx.rank, world_size=dist_ctx.world_size),
         )
@@ -144,11 +147,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--noise", type=float, default=0.0)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--sleep", type=float, default=0.0, help="seconds per objective call (SIGKILL window)")
+    p.add_argument("--nan-step", type=int, action="append", default=[], help="objective step giving NaN")
+    p.add_argument("--nan-rank", type=int, default=None, help="only this rank gives the NaN")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)
     torch.set_num_threads(1)
     cfg = load_config(None, [*BASE_OVERRIDES, *args.overrides])
-    factory = make_components(noise=args.noise, dropout=args.dropout)
+    factory = make_components(noise=args.noise, dropout=args.dropout, nan_steps=tuple(args.nan_step),
+                              nan_rank=args.nan_rank)
     if args.sleep:
         inner = factory
 
