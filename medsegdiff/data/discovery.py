@@ -59,6 +59,7 @@ class CaseFiles:
         mask: lesion mask, or None if absent.
         extra: other files found (``baseline``/``outcome`` phenotype tables, ``stray_mask``, ...).
         missing: requested modalities without a file (and ``"mask"`` when a mask is required).
+        problems: this case's discovery problem lines (missing files, ignored duplicates).
     """
 
     case_id: str
@@ -68,6 +69,7 @@ class CaseFiles:
     mask: Path | None = None
     extra: dict[str, Path] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -77,6 +79,10 @@ class CaseFiles:
         """One line naming the case and what is missing (empty when complete)."""
         if not self.missing:
             return ""
+        detail = [p for p in self.problems if p.startswith(f"case {self.case_id}: missing")
+                  or p.startswith(f"case {self.case_id}: no lesion mask")]
+        if detail:
+            return "; ".join(detail[:1] + [d.split(": ", 1)[1] for d in detail[1:]])
         return f"case {self.case_id}: missing {', '.join(self.missing)} (no matching file found)"
 
 
@@ -299,7 +305,15 @@ def _discover_dataset(root: Path, layout: str, modalities: Sequence[str], requir
                 continue
             found[sid] = _case_from_dataset(sid, folders, layout, modalities, require_mask, problems)
     cases = [found[k] for k in sorted(found, key=_natural_key)]
+    _attach(cases, problems)
     return DiscoveryResult(cases=cases, problems=problems, layout=layout, root=root)
+
+
+def _attach(cases: Sequence[CaseFiles], problems: Sequence[Problem]) -> None:
+    by_id = {c.case_id: c for c in cases}
+    for p in problems:
+        if p.case_id in by_id and p.message not in by_id[p.case_id].problems:
+            by_id[p.case_id].problems.append(p.message)
 
 
 def _base_of(case: CaseFiles) -> str:
