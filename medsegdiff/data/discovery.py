@@ -180,6 +180,8 @@ def _classify(files: Sequence[Path], key: str, *, space_only: bool) -> list[Path
             space.append(p)
         elif v == "plain":
             plain.append(p)
+    if key == MASK:  # every mask variant; _choose picks one and reports the others
+        return space + plain
     if space:
         return space
     return [] if space_only else plain
@@ -200,7 +202,8 @@ def _choose(files: Sequence[Path], case_id: str, what: str, problems: list[Probl
     groups = _group_by_stem(files)
     stems = sorted(groups, key=lambda s: (len(Path(s).name), s))
     if what == MASK:  # organiser test GT uses *_ncct-masked_lesion-msk; prefer the plain training mask
-        stems = sorted(stems, key=lambda s: ("ncct-masked" in Path(s).name, len(Path(s).name), s))
+        stems = sorted(stems, key=lambda s: ("ncct-masked" in Path(s).name, "space-ncct" not in Path(s).name,
+                                             len(Path(s).name), s))
     keep = _pick(groups[stems[0]], case_id, what, problems)
     for s in stems[1:]:
         for other in groups[s]:
