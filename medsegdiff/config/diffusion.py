@@ -5,22 +5,42 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from medsegdiff.config.base import option
+from medsegdiff.config.base import bad_value, option
 
 
 @dataclass
 class DiffusionConfig:
     steps: int = option(1000, ge=2, doc="training diffusion steps T (training always uses all T)")
-    noise_schedule: Literal["linear", "cosine"] = option("linear")
+    noise_schedule: Literal["linear", "cosine"] = option(
+        "linear", doc="linear (1e-4..0.02 scaled by 1000/T; needs T > 20) or cosine (iDDPM)"
+    )
     predict_xstart: bool = option(False, doc="model predicts x0 instead of epsilon")
     learn_sigma: bool = option(False, doc="learned-range variance (hybrid MSE + VB loss)")
     sigma_small: bool = option(False, doc="fixed-small instead of fixed-large variance")
-    use_kl: bool = option(False)
-    rescale_learned_sigmas: bool = option(False)
-    rescale_timesteps: bool = option(False)
-    schedule_sampler: Literal["uniform", "loss-second-moment"] = option("uniform")
+    use_kl: bool = option(False, doc="train on the variational bound (rescaled KL) instead of MSE")
+    rescale_learned_sigmas: bool = option(False, doc="scale the VB term of the hybrid loss by T/1000")
+    rescale_timesteps: bool = option(False, doc="feed the network t * 1000 / T (floats)")
+    schedule_sampler: Literal["uniform", "loss-second-moment"] = option(
+        "uniform", doc="training timestep sampler (loss-second-moment = iDDPM importance sampling)"
+    )
     # sampling
     sampler: Literal["ddim", "ddpm"] = option("ddim")
     respacing: str = option("ddim250", doc="timestep respacing for sampling: 'ddimN', 'N' or 'a,b,c'")
-    eta: float = option(0.0, ge=0.0, doc="DDIM eta (0 = deterministic)")
-    clip_denoised: bool = option(True)
+    eta: float = option(0.0, ge=0.0, le=1.0, doc="DDIM eta (0 = deterministic, 1 = DDPM-like noise)")
+    clip_denoised: bool = option(True, doc="clamp the predicted clean mask to [-1, 1] while sampling")
+
+    def validate(self, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        if self.noise_schedule == "linear" and self.steps <= 20:
+            raise bad_value(
+                f"{p}steps", self.steps,
+                "allowed: more than 20 with the linear schedule (its last beta 0.02 * 1000 / T must stay "
+                "below 1); or set diffusion.noise_schedule=cosine",
+            )
+        if self.respacing:
+            from improved_diffusion.respace import space_timesteps
+
+            try:
+                space_timesteps(self.steps, self.respacing)
+            except ValueError as err:
+                raise bad_value(f"{p}respacing", self.respacing, str(err)) from None

@@ -1,0 +1,173 @@
+"""SegmentationObjective: terms, gradients, anchor, determinism, oracle Dice, baseline path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medsegdiff.diffusion.factory import build_diffusion
+from medsegdiff.diffusion.objective import ObjectiveOutput, SegmentationObjective
+from medsegdiff.errors import ConfigError
+
+
+def setup(stubs, **sections):
+    sections.setdefault("diffusion", {"steps": 100})
+    cfg = stubs["cfg"](**sections)
+    diffusion = build_diffusion(cfg.diffusion, "")
+    return cfg, diffusion, SegmentationObjective(cfg, diffusion)
+
+
+@pytest.mark.parametrize(
+    "diff",
+    [
+        {"steps": 100},
+        {"steps": 100, "learn_sigma": True, "rescale_learned_sigmas": True},
+        {"steps": 100, "predict_xstart": True},
+        {"steps": 100, "use_kl": True, "learn_sigma": True},
+        {"steps": 50, "noise_schedule": "cosine", "schedule_sampler": "loss-second-moment"},
+    ],
+)
+def test_loss_finite_and_backpropagates(stubs, diff):
+    torch.manual_seed(0)
+    cfg, diffusion, obj = setup(stubs, diffusion=diff)
+    model = stubs["diffusion"](out_ch=2 if diff.get("learn_sigma") else 1)
+    out = obj(model, stubs["batch"](), step=0)
+    assert isinstance(out, ObjectiveOutput)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.net.weight.grad is not None and model.net.weight.grad.abs().sum() > 0
+    for name in ("diffusion", "dice", "bce"):
+        assert name in out.terms and f"w_{name}" in out.terms and f"weight_{name}" in out.terms
+        assert not out.terms[name].requires_grad
+    assert "anchor" not in out.terms
+    if diff.get("learn_sigma") and not diff.get("use_kl"):
+        assert {"diffusion_mse", "diffusion_vb"} <= set(out.terms)
+
+
+def test_fixed_total_is_sum_of_weighted_terms(stubs):
+    cfg, diffusion, obj = setup(stubs, loss={"dice_weight": 0.5, "bce_weight": 2.0, "diffusion_weight": 1.0})
+    model = stubs["diffusion"](anchor=True)
+    out = obj(model, stubs["batch"](), step=3, t=torch.tensor([5, 60]), noise=torch.randn(2, 1, 8, 8))
+    parts = ["diffusion", "dice", "bce", "anchor"]
+    assert out.loss.item() == pytest.approx(sum(out.terms[f"w_{p}"].item() for p in parts), rel=1e-5)
+    assert out.terms["w_dice"].item() == pytest.approx(0.5 * out.terms["dice"].item(), rel=1e-6)
+    assert out.terms["w_bce"].item() == pytest.approx(2.0 * out.terms["bce"].item(), rel=1e-6)
+
+
+def test_anchor_term_only_with_anchor(stubs):
+    cfg, diffusion, obj = setup(stubs)
+    batch = stubs["batch"]()
+    with_anchor = stubs["diffusion"](anchor=True)
+    out = obj(with_anchor, batch, step=0)
+    assert {"anchor", "w_anchor", "anchor_dice", "anchor_bce"} <= set(out.terms)
+    out.loss.backward()
+    assert with_anchor.anchor_head.weight.grad.abs().sum() > 0
+    out = obj(stubs["diffusion"](anchor=False), batch, step=0)
+    assert "anchor" not in out.terms and "w_anchor" not in out.terms
+
+
+def test_explicit_t_and_noise_are_deterministic(stubs):
+    cfg, diffusion, obj = setup(stubs)
+    torch.manual_seed(1)
+    model = stubs["diffusion"]()
+    batch = stubs["batch"]()
+    t, noise = torch.tensor([3, 77]), torch.randn(2, 1, 8, 8)
+    a = obj(model, batch, step=0, t=t, noise=noise)
+    torch.randn(5)  # disturb the global RNG
+    b = obj(model, batch, step=0, t=t, noise=noise)
+    assert a.terms.keys() == b.terms.keys()
+    for k in a.terms:
+        assert torch.equal(a.terms[k], b.terms[k]), k
+    c = obj(model, batch, step=0, t=torch.tensor([50, 50]), noise=noise)
+    assert not torch.equal(a.terms["diffusion"], c.terms["diffusion"])
+
+
+@pytest.mark.parametrize("kind, diff", [("eps", {"steps": 100}), ("x0", {"steps": 100, "predict_xstart": True}),
+                                        ("eps", {"steps": 100, "learn_sigma": True})])
+def test_dice_zero_for_oracle_and_large_for_opposite(stubs, kind, diff):
+    cfg, diffusion, obj = setup(stubs, diffusion=diff, loss={"timestep_weighting": "none"})
+    batch = stubs["batch"]()
+    t, noise = torch.tensor([2, 40]), torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    learn = diff.get("learn_sigma", False)
+    good = stubs["oracle"](diffusion.alphas_cumprod, kind=kind, learn_sigma=learn)
+    out = obj(good, batch, step=0, t=t, noise=noise)
+    assert out.terms["dice"].item() < 1e-3
+    assert out.terms["bce"].item() < 1e-3
+    if not learn:
+        assert out.terms["diffusion"].item() < 1e-6
+    bad = stubs["oracle"](diffusion.alphas_cumprod, kind=kind, sign=-1.0, learn_sigma=learn)
+    out = obj(bad, batch, step=0, t=t, noise=noise)
+    assert out.terms["dice"].item() > 0.99
+    assert out.terms["bce"].item() > -math.log(1e-5)
+
+
+def test_snr_weighting_downweights_noisy_steps(stubs):
+    cfg, diffusion, obj = setup(stubs, loss={"timestep_weighting": "snr"})
+    bad = stubs["oracle"](diffusion.alphas_cumprod, sign=-1.0)
+    batch = stubs["batch"]()
+    noise = torch.randn(2, 1, 8, 8)
+    low = obj(bad, batch, step=0, t=torch.tensor([1, 1]), noise=noise).terms["dice"].item()
+    high = obj(bad, batch, step=0, t=torch.tensor([99, 99]), noise=noise).terms["dice"].item()
+    abar = diffusion.alphas_cumprod[99]
+    assert low == pytest.approx(1.0, abs=1e-3)  # SNR >= 1: full weight
+    assert high == pytest.approx(abar / (1 - abar), rel=1e-2)  # min(SNR, 1) at t = 99
+
+
+def test_3d_batch(stubs):
+    cfg, diffusion, obj = setup(stubs)
+    model = stubs["diffusion"](dims=3, anchor=True)
+    out = obj(model, stubs["batch"](size=4, dims=3), step=0)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+def test_loss_second_moment_sampler_state_travels_with_objective(stubs):
+    cfg, diffusion, obj = setup(stubs, diffusion={"steps": 30, "schedule_sampler": "loss-second-moment"})
+    model = stubs["diffusion"]()
+    for _ in range(3):
+        obj(model, stubs["batch"](), step=0)
+    counts = obj.schedule_sampler._loss_counts.copy()
+    assert counts.sum() == 6
+    state = obj.state_dict()
+    cfg2, diffusion2, obj2 = setup(stubs, diffusion={"steps": 30, "schedule_sampler": "loss-second-moment"})
+    obj2.load_state_dict(state)
+    assert (obj2.schedule_sampler._loss_counts == counts).all()
+
+
+def test_uncertainty_strategy_has_learnable_weights(stubs):
+    cfg, diffusion, obj = setup(stubs, loss={"strategy": "uncertainty"})
+    params = list(obj.parameters())
+    assert len(params) == 4  # one log-variance per term
+    out = obj(stubs["diffusion"](), stubs["batch"](), step=0)
+    out.loss.backward()
+    assert all(p.grad is not None for p in params[:3])
+
+
+def test_discriminative_baseline(stubs):
+    cfg = stubs["cfg"](model={"name": "dynunet"}, loss={"strategy": "warmup", "warmup_steps": 100})
+    obj = SegmentationObjective(cfg, None)
+    model = stubs["baseline"]()
+    out = obj(model, stubs["batch"](), step=0)
+    assert set(out.terms) >= {"dice", "bce", "w_dice", "w_bce"} and "diffusion" not in out.terms
+    assert out.loss.item() == pytest.approx(out.terms["dice"].item() + out.terms["bce"].item(), rel=1e-5)
+    out.loss.backward()
+    assert model.net.weight.grad.abs().sum() > 0
+
+
+def test_model_kind_mismatch(stubs):
+    cfg, diffusion, obj = setup(stubs)
+    with pytest.raises(ConfigError, match="built for a diffusion model but got a discriminative model"):
+        obj(stubs["baseline"](), stubs["batch"](), step=0)
+    cfg = stubs["cfg"](model={"name": "medsegdiff_v1"})
+    with pytest.raises(ConfigError, match="no diffusion process was given"):
+        SegmentationObjective(cfg, None)
+
+
+def test_mask_shape_checked(stubs):
+    cfg, diffusion, obj = setup(stubs)
+    batch = stubs["batch"]()
+    batch["mask"] = batch["mask"][:, 0]
+    with pytest.raises(ValueError, match=r"batch\['mask'\] \(2, 8, 8\) must be \(B, 1, \*S\)"):
+        obj(stubs["diffusion"](), batch, step=0)
