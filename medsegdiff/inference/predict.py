@@ -205,6 +205,112 @@ def _volume(manifest: Any, case_id: str, cfg: Any) -> Any:
     return SliceDataset(manifest, [case_id], context_slices=cfg.data.context_slices).volume(case_id)
 
 
+class Predictor:
+    """A checkpoint ready to sample cases: model, config (with overrides), diffusion and threshold.
+
+    Build it with :meth:`load`; :meth:`members` samples one cached case and :meth:`case` gives the
+    combined probability / uncertainty on the cache and native grids.
+
+    Attributes:
+        model, cfg, ckpt: from :func:`~medsegdiff.training.checkpoint.load_for_inference`
+            (``cfg`` with the overrides applied).
+        diffusion: the respaced diffusion (None for the discriminative baseline).
+        respacing, members, device, precision: what sampling uses.
+        threshold, threshold_source: the probability threshold and where it came from
+            (a ``calibration.json``, the checkpoint's ``calibration`` entry, or ``inference.threshold``).
+    """
+
+    def __init__(self, checkpoint: Path, model: Any, cfg: Any, ckpt: dict[str, Any], overrides: list[str]) -> None:
+        from medsegdiff.diffusion.factory import build_diffusion
+        from medsegdiff.inference.calibration import find_calibration
+        from medsegdiff.utils.runtime import resolve_device
+
+        self.checkpoint, self.model, self.cfg, self.ckpt, self.overrides = checkpoint, model, cfg, ckpt, overrides
+        override_keys = {o.split("=", 1)[0].strip() for o in overrides}
+        inf = cfg.inference
+        self.weights = "ema" if inf.use_ema and ckpt.get("ema") is not None else "model"
+        if self.weights == "model" and ckpt.get("ema") is not None:
+            model.load_state_dict(ckpt["model"])
+        self.device = resolve_device(cfg.device if "device" in override_keys else "auto")
+        model.to(self.device).eval()
+        precision = inf.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.precision = precision
+        self.is_diffusion = bool(getattr(model, "is_diffusion", True))
+        self.respacing = (inf.respacing or cfg.diffusion.respacing) if self.is_diffusion else ""
+        # ConfigError (from the factory) for a respacing that cannot be built
+        self.diffusion = build_diffusion(cfg.diffusion, self.respacing) if self.is_diffusion else None
+        self.members_per_case = inf.ensemble if self.is_diffusion else 1
+        self.threshold, self.threshold_source = float(inf.threshold), "inference.threshold"
+        if inf.use_calibrated_threshold:
+            found = find_calibration(checkpoint, ckpt)
+            if found is not None:
+                self.threshold, self.threshold_source = found
+
+    @classmethod
+    def load(cls, checkpoint: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Predictor:
+        """Load ``checkpoint`` (a ``.pt`` file or a run directory) with prediction-time ``overrides``.
+
+        Raises:
+            CheckpointError: missing, truncated or incompatible checkpoint.
+            ConfigError: an override that may not or cannot be applied.
+        """
+        from medsegdiff.training.checkpoint import load_for_inference
+
+        path = Path(checkpoint)
+        if not path.exists():
+            raise CheckpointError(f"{path}: checkpoint not found; pass a checkpoints/*.pt file or a run directory")
+        overrides = _check_overrides(overrides)
+        model, cfg, ckpt = load_for_inference(path, use_ema=True, device="cpu")
+        cfg = apply_inference_overrides(cfg, overrides)
+        return cls(path, model, cfg, ckpt, list(overrides))
+
+    def members(self, manifest: Any, case_id: str, *, progress: bool = False) -> np.ndarray:
+        """Sampled member probabilities of one cached case: float32 ``(M, Z, H, W)`` on the cache grid."""
+        import torch
+
+        from medsegdiff.inference.sampler import sample_probabilities
+
+        cfg = self.cfg
+        images = _volume(manifest, case_id, cfg).to(self.device)
+        gen = torch.Generator(device=self.device).manual_seed(_case_seed(cfg.seed, case_id))
+        probs = sample_probabilities(
+            self.model, self.diffusion, images, members=self.members_per_case, sampler=cfg.diffusion.sampler,
+            eta=cfg.diffusion.eta, batch_size=cfg.inference.batch_size, generator=gen, progress=progress,
+            precision=self.precision, clip_denoised=cfg.diffusion.clip_denoised,
+        )
+        if cfg.data.dims == 3:  # (M, 1, Z, H, W) -> (M, Z, H, W)
+            probs = probs[:, 0]
+        return probs.float().cpu().numpy()
+
+    def case(self, manifest: Any, case_id: str, *, progress: bool = False) -> dict[str, np.ndarray]:
+        """Combined probability and uncertainty of one case on the cache and native grids.
+
+        Returns:
+            ``prob_cache``, ``unc_cache`` ``(Z, H, W)``; ``prob_native``, ``unc_native``,
+            ``mask_native`` ``(Z, Y, X)``; ``mask_cache``.
+        """
+        from medsegdiff.inference import ensemble as ens
+        from medsegdiff.inference.export import to_native
+
+        inf = self.cfg.inference
+        case = manifest.case(case_id)
+        members = self.members(manifest, case_id, progress=progress)
+        prob_cache = ens.combine(members, inf.combine, self.threshold)
+        unc_cache = ens.uncertainty(members, inf.uncertainty)
+        cache_geo, native_geo = case.cache_geometry, case.native_geometry
+        prob_native = to_native(prob_cache, cache_geo, native_geo)
+        return {
+            "prob_cache": prob_cache,
+            "unc_cache": unc_cache,
+            "mask_cache": ens.binarize(prob_cache, self.threshold, inf.combine),
+            "prob_native": prob_native,
+            "unc_native": to_native(unc_cache, cache_geo, native_geo),
+            "mask_native": ens.binarize(prob_native, self.threshold, inf.combine),
+        }
+
+
 def predict(
     checkpoint: str | os.PathLike[str],
     data: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
@@ -215,6 +321,10 @@ def predict(
     progress: bool = True,
 ) -> list[Path]:
     """Predict every case of ``data`` with ``checkpoint`` and write the outputs to ``out_dir``.
+
+    The threshold is the calibrated one (``calibration.json`` next to the checkpoint or in its run
+    directory, else the checkpoint's ``calibration`` entry) when ``inference.use_calibrated_threshold``
+    is true and one exists, else ``inference.threshold``.
 
     Args:
         checkpoint: a ``.pt`` checkpoint or a run directory (its ``best.pt``).
@@ -233,44 +343,12 @@ def predict(
         ConfigError: an override that may not or cannot be applied.
         DataError: see :func:`resolve_sources`.
     """
-    import torch
-
     from medsegdiff.config.base import to_dict
-    from medsegdiff.diffusion.factory import build_diffusion
-    from medsegdiff.inference import ensemble as ens
     from medsegdiff.inference import export
-    from medsegdiff.inference.calibration import find_calibration
-    from medsegdiff.inference.sampler import sample_probabilities
-    from medsegdiff.training.checkpoint import load_for_inference
     from medsegdiff.utils.io import atomic_write_json
-    from medsegdiff.utils.runtime import resolve_device
 
-    ckpt_path = Path(checkpoint)
-    if not ckpt_path.exists():
-        raise CheckpointError(f"{ckpt_path}: checkpoint not found; pass a checkpoints/*.pt file or a run directory")
-    overrides = _check_overrides(overrides)
-    model, cfg, ckpt = load_for_inference(ckpt_path, use_ema=True, device="cpu")
-    cfg = apply_inference_overrides(cfg, overrides)
-    override_keys = {o.split("=", 1)[0].strip() for o in overrides}
-    inf = cfg.inference
-    if not inf.use_ema and ckpt.get("ema") is not None:
-        model.load_state_dict(ckpt["model"])
-    device = resolve_device(cfg.device if "device" in override_keys else "auto")
-    model.to(device).eval()
-    precision = "bf16" if inf.precision == "auto" and device.type == "cuda" else inf.precision
-    precision = "fp32" if precision == "auto" else precision
-
-    respacing = inf.respacing or cfg.diffusion.respacing
-    is_diffusion = bool(getattr(model, "is_diffusion", True))
-    diffusion = build_diffusion(cfg.diffusion, respacing) if is_diffusion else None  # ConfigError if invalid
-    members = inf.ensemble if is_diffusion else 1
-
-    threshold, threshold_source = float(inf.threshold), "inference.threshold"
-    if inf.use_calibrated_threshold and "inference.threshold" not in override_keys:
-        found = find_calibration(ckpt_path, ckpt)
-        if found is not None:
-            threshold, threshold_source = found
-
+    pred = Predictor.load(checkpoint, overrides)
+    cfg, inf = pred.cfg, pred.cfg.inference
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sources = resolve_sources(data, out, cfg, cases, progress)
@@ -285,31 +363,17 @@ def predict(
     chan = _overlay_channel(cfg.data.modalities)
     for manifest, case_id in todo:
         case = manifest.case(case_id)
-        images = _volume(manifest, case_id, cfg).to(device)
-        gen = torch.Generator(device=device).manual_seed(_case_seed(cfg.seed, case_id))
-        probs = sample_probabilities(
-            model, diffusion, images, members=members, sampler=cfg.diffusion.sampler, eta=cfg.diffusion.eta,
-            batch_size=inf.batch_size, generator=gen, progress=progress, precision=precision,
-            clip_denoised=cfg.diffusion.clip_denoised,
-        )
-        if cfg.data.dims == 3:  # (M, 1, Z, H, W) -> (M, Z, H, W)
-            probs = probs[:, 0]
-        member_np = probs.float().cpu().numpy()
-        prob_cache = ens.combine(member_np, inf.combine, threshold)
-        unc_cache = ens.uncertainty(member_np, inf.uncertainty)
-        cache_geo, native_geo = case.cache_geometry, case.native_geometry
-        prob_native = export.to_native(prob_cache, cache_geo, native_geo)
-        unc_native = export.to_native(unc_cache, cache_geo, native_geo)
-        mask_native = ens.binarize(prob_native, threshold, inf.combine)
-        paths = export.write_case(out, case_id, mask=mask_native, prob=prob_native, uncertainty=unc_native,
-                                  native_geometry=native_geo)
+        res = pred.case(manifest, case_id, progress=progress)
+        native_geo = case.native_geometry
+        paths = export.write_case(out, case_id, mask=res["mask_native"], prob=res["prob_native"],
+                                  uncertainty=res["unc_native"], native_geometry=native_geo)
         if inf.overlays:
             export.write_overlay(export.output_paths(out, case_id)["overlay"],
-                                 np.asarray(case.image[chan], dtype=np.float32),
-                                 ens.binarize(prob_cache, threshold, inf.combine), _reference_mask(case))
-        rows.append(export.case_row(case_id, mask_native, unc_native, native_geo.voxel_volume_ml, threshold,
-                                    combine=inf.combine, members=members,
-                                    respacing=respacing if is_diffusion else ""))
+                                 np.asarray(case.image[chan], dtype=np.float32), res["mask_cache"],
+                                 _reference_mask(case))
+        rows.append(export.case_row(case_id, res["mask_native"], res["unc_native"], native_geo.voxel_volume_ml,
+                                    pred.threshold, combine=inf.combine, members=pred.members_per_case,
+                                    respacing=pred.respacing))
         written.append(paths["mask"])
         if bar is not None:
             bar.update(1)
@@ -318,21 +382,21 @@ def predict(
         bar.close()
     export.write_predictions_csv(out / "predictions.csv", rows)
     atomic_write_json(out / "predict.json", {
-        "checkpoint": str(ckpt_path.resolve()),
-        "step": ckpt.get("step"),
-        "weights": "ema" if inf.use_ema and ckpt.get("ema") is not None else "model",
+        "checkpoint": str(pred.checkpoint.resolve()),
+        "step": pred.ckpt.get("step"),
+        "weights": pred.weights,
         "data": [str(Path(p)) for p in ([data] if isinstance(data, (str, os.PathLike)) else data)],
         "cases": [cid for _, cid in todo],
-        "threshold": threshold,
-        "threshold_source": threshold_source,
-        "respacing": respacing if is_diffusion else "",
-        "members": members,
-        "device": str(device),
-        "precision": precision,
-        "overrides": list(overrides),
+        "threshold": pred.threshold,
+        "threshold_source": pred.threshold_source,
+        "respacing": pred.respacing,
+        "members": pred.members_per_case,
+        "device": str(pred.device),
+        "precision": pred.precision,
+        "overrides": pred.overrides,
         "inference": to_dict(inf),
     })
     return written
 
 
-__all__ = ["OVERRIDABLE", "apply_inference_overrides", "predict", "resolve_sources"]
+__all__ = ["OVERRIDABLE", "Predictor", "apply_inference_overrides", "predict", "resolve_sources"]

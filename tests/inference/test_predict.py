@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medsegdiff.errors import CheckpointError, ConfigError, DataError
+
+MODALITIES = ["cbf", "tmax"]
+
+
+def _make_checkpoint(run_dir: Path, modalities: list[str]) -> Path:
+    import torch
+
+    from medsegdiff.config.base import to_dict
+    from medsegdiff.config.loader import config_from_dict
+    from medsegdiff.nets.registry import build_model
+    from medsegdiff.training.checkpoint import save_checkpoint
+
+    cfg = config_from_dict({
+        "model": {"base_channels": 8, "channel_mult": [1, 2], "norm_groups": 4, "attention_resolutions": []},
+        "data": {"image_size": 16, "modalities": modalities, "prepare_workers": 1},
+        "diffusion": {"respacing": "ddim2"},
+        "inference": {"ensemble": 2, "batch_size": 16},
+    })
+    torch.manual_seed(0)
+    state = build_model(cfg).state_dict()
+    return save_checkpoint(run_dir / "checkpoints" / "best.pt",
+                           {"model": state, "ema": state, "step": 0, "config": to_dict(cfg)})
+
+
+@pytest.fixture(scope="module")
+def raw_root(tmp_path_factory) -> Path:
+    from medsegdiff.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("raw") / "zenodo"
+    generate_dataset(root, cases=2, seed=3, layout="zenodo", shape="tiny")
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return _make_checkpoint(tmp_path_factory.mktemp("run"), MODALITIES)
+
+
+@pytest.fixture(scope="module")
+def predicted(raw_root, checkpoint, tmp_path_factory) -> tuple[Path, list[Path]]:
+    from medsegdiff.inference.predict import predict
+
+    out = tmp_path_factory.mktemp("pred")
+    written = predict(checkpoint, raw_root, out, overrides=["inference.combine=staple"], progress=False)
+    return out, written
+
+
+def _ncct(raw_root: Path, case_id: str) -> sitk.Image:
+    (path,) = sorted(raw_root.glob(f"raw_data/{case_id}/ses-01/*ncct.nii.gz"))
+    return sitk.ReadImage(str(path))
+
+
+def test_predict_end_to_end_writes_native_geometry(predicted, raw_root):
+    out, written = predicted
+    case_ids = [p.name[: -len(".nii.gz")] for p in written]
+    assert len(case_ids) == 2 and all(c.startswith("sub-stroke") for c in case_ids)
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [r["case_id"] for r in rows] == case_ids
+    for cid, row in zip(case_ids, rows):
+        ref = _ncct(raw_root, cid)
+        for suffix, pixel in (("", sitk.sitkUInt8), ("_prob", sitk.sitkFloat32), ("_uncertainty", sitk.sitkFloat32)):
+            img = sitk.ReadImage(str(out / f"{cid}{suffix}.nii.gz"))
+            assert img.GetPixelID() == pixel
+            assert img.GetSize() == ref.GetSize()
+            np.testing.assert_allclose(img.GetSpacing(), ref.GetSpacing(), atol=1e-5)
+            np.testing.assert_allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-4)
+            np.testing.assert_allclose(img.GetDirection(), ref.GetDirection(), atol=1e-5)
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{cid}.nii.gz")))
+        prob = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{cid}_prob.nii.gz")))
+        assert set(np.unique(mask)) <= {0, 1}
+        assert prob.min() >= 0.0 and prob.max() <= 1.0
+        np.testing.assert_array_equal(mask, (prob >= 0.5).astype(np.uint8))
+        vv = float(np.prod(ref.GetSpacing())) / 1000.0
+        assert float(row["lesion_volume_ml"]) == pytest.approx(mask.sum() * vv, abs=1e-3)
+        assert row["combine"] == "staple" and row["members"] == "2" and row["respacing"] == "ddim2"
+        png = sitk.ReadImage(str(out / f"{cid}_overlay.png"))
+        assert png.GetNumberOfComponentsPerPixel() == 3
+    meta = json.loads((out / "predict.json").read_text())
+    assert meta["weights"] == "ema" and meta["threshold_source"] == "inference.threshold"
+
+
+def test_predict_from_cache_with_case_filter_and_calibration(predicted, checkpoint, tmp_path):
+    from medsegdiff.inference.calibration import save_calibration
+    from medsegdiff.inference.predict import predict
+
+    out, written = predicted
+    (cache,) = sorted((out / "_cache").iterdir())
+    case_id = written[1].name[: -len(".nii.gz")]
+    save_calibration(checkpoint.parent.parent, 0.3, [])
+    try:
+        got = predict(checkpoint, cache, tmp_path, cases=[case_id], progress=False,
+                      overrides=["inference.overlays=false", "inference.uncertainty=entropy"])
+    finally:
+        (checkpoint.parent.parent / "calibration.json").unlink()
+    assert [p.name for p in got] == [f"{case_id}.nii.gz"]
+    assert not (tmp_path / f"{case_id}_overlay.png").exists()
+    meta = json.loads((tmp_path / "predict.json").read_text())
+    assert meta["threshold"] == 0.3 and meta["threshold_source"].endswith("calibration.json")
+    prob = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{case_id}_prob.nii.gz")))
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{case_id}.nii.gz")))
+    np.testing.assert_array_equal(mask, (prob >= 0.3).astype(np.uint8))
+
+
+def test_predict_command_line(predicted, checkpoint, tmp_path, capsys):
+    from medsegdiff.cli import main
+
+    out, written = predicted
+    (cache,) = sorted((out / "_cache").iterdir())
+    case_id = written[0].name[: -len(".nii.gz")]
+    rc = main(["predict", "--checkpoint", str(checkpoint), "--data", str(cache), "--out", str(tmp_path),
+               "--cases", case_id, "--no-progress", "inference.ensemble=1", "inference.overlays=false"])
+    assert rc == 0
+    assert (tmp_path / f"{case_id}.nii.gz").is_file()
+    assert "wrote 1 case(s)" in capsys.readouterr().out
+
+
+def test_bad_inputs_have_one_line_messages(predicted, checkpoint, tmp_path, capsys):
+    from medsegdiff.cli import main
+    from medsegdiff.inference.predict import predict
+
+    out, _ = predicted
+    (cache,) = sorted((out / "_cache").iterdir())
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        predict(tmp_path / "nope.pt", cache, tmp_path / "o")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(checkpoint.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        predict(truncated, cache, tmp_path / "o")
+    other = _make_checkpoint(tmp_path / "run2", ["cbf", "cbv"])
+    with pytest.raises(DataError, match=r"has modalities \['cbf', 'tmax'\] but the checkpoint was trained on "
+                                        r"\['cbf', 'cbv'\]"):
+        predict(other, cache, tmp_path / "o", progress=False)
+    with pytest.raises(DataError, match="data path not found"):
+        predict(checkpoint, tmp_path / "missing", tmp_path / "o")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no ISLES24 case found"):
+        predict(checkpoint, empty, tmp_path / "o", progress=False)
+    with pytest.raises(DataError, match="case 'sub-stroke9999' is not in the data"):
+        predict(checkpoint, cache, tmp_path / "o", cases=["sub-stroke9999"])
+    with pytest.raises(ConfigError, match="only inference"):
+        predict(checkpoint, cache, tmp_path / "o", overrides=["model.base_channels=4"])
+    rc = main(["predict", "--checkpoint", str(truncated), "--data", str(cache), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "truncated or corrupt" in err
+
+
+def test_calibrate_checkpoint_saves_the_best_threshold(predicted, checkpoint, tmp_path):
+    from medsegdiff.inference.calibration import calibrate_checkpoint, find_calibration
+
+    out, _ = predicted
+    (cache,) = sorted((out / "_cache").iterdir())
+    for combine in ("mean", "vote"):
+        best, table, path = calibrate_checkpoint(checkpoint, cache, run_dir=tmp_path, progress=False,
+                                                 overrides=[f"inference.combine={combine}", "inference.ensemble=3"])
+        assert len(table) == 19
+        assert max(r["mean_dice"] for r in table) == next(r["mean_dice"] for r in table if r["threshold"] == best)
+        saved = json.loads(path.read_text())
+        assert saved["threshold"] == best and saved["combine"] == combine and len(saved["cases"]) == 2
+        assert find_calibration(tmp_path) == (best, str(path))
