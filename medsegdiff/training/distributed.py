@@ -92,6 +92,15 @@ def all_reduce_max_flag(ctx: DistContext, flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def all_reduce_max_flags(ctx: DistContext, flags: torch.Tensor) -> torch.Tensor:
+    """Element-wise OR of a bool tensor over ranks (unchanged without a group)."""
+    if not ctx.distributed:
+        return flags
+    t = flags.to(device=ctx.device, dtype=torch.float32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t > 0
+
+
 def all_reduce_mean(ctx: DistContext, values: dict[str, float]) -> dict[str, float]:
     """Mean of scalar logs across ranks (same keys on every rank)."""
     if not ctx.distributed or not values:

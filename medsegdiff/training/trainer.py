@@ -48,6 +48,7 @@ from medsegdiff.training import checkpoint as ckpt_mod
 from medsegdiff.training.distributed import (
     DistContext,
     all_reduce_max_flag,
+    all_reduce_max_flags,
     all_reduce_mean,
     barrier,
     cleanup,
@@ -160,10 +161,6 @@ class _BatchCursor:
 
     def consumed(self) -> None:
         self.state = self.pending.popleft()
-
-
-def _is_finite(t: torch.Tensor) -> bool:
-    return bool(torch.isfinite(t.detach()).all().item())
 
 
 class Trainer:
@@ -349,7 +346,8 @@ class Trainer:
             logs = self.run_step()
             every_val = tc.validation.every
             done = self.step >= tc.steps
-            over_time = tc.time_budget_s > 0 and time.perf_counter() - start >= tc.time_budget_s
+            over_time = tc.time_budget_s > 0 and all_reduce_max_flag(  # every rank stops at the same step
+                self.dist, time.perf_counter() - start >= tc.time_budget_s)
             at_stop = self.stop_at is not None and self.step >= self.stop_at
             if self.step % tc.log_every == 0 or done or over_time or at_stop:
                 self.log(logs)
@@ -375,15 +373,19 @@ class Trainer:
             run_dir=self.run_dir,
         )
 
-    def run_step(self) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns scalars to log."""
+    def run_step(self) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns values to log.
+
+        Values may be 0-d tensors: they are turned into floats only when logged, so a GPU step
+        synchronises once (for the non-finite decision), not once per logged term.
+        """
         t0 = time.perf_counter()
         self.model.train()
         self.objective.train()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        loss_sum, terms, bad_loss = self.forward_backward()
-        logs = self.optimize(loss_sum, bad_loss)
+        loss_sum, terms, nonfinite = self.forward_backward()
+        logs = self.optimize(loss_sum, nonfinite)
         logs.update({f"train/{k}": v for k, v in terms.items()})
         dt = time.perf_counter() - t0
         logs["train/step_time_s"] = dt
@@ -394,15 +396,19 @@ class Trainer:
             logs["train/max_rss_gb"] = _max_rss_gb()
         return logs
 
-    def forward_backward(self) -> tuple[float, dict[str, float], bool]:
-        """Accumulate gradients over the micro-batches (losses scaled so gradients AVERAGE)."""
+    def forward_backward(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Accumulate gradients over the micro-batches (losses scaled so gradients AVERAGE).
+
+        Returns:
+            ``(mean loss, mean terms, non-finite flag)``, all 0-d tensors on the device.
+        """
         tc = self.cfg.train
         accum = tc.grad_accum
         scale = 1.0 / accum  # micro / per-rank batch; DDP averages over ranks -> global mean
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        terms_sum: dict[str, float] = {}
-        bad = False
+        loss_sum = torch.zeros((), device=self.device)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        terms_sum: dict[str, torch.Tensor] = {}
         for i in range(accum):
             batch = next(self.batches)
             self.cursor.consumed()
@@ -413,30 +419,30 @@ class Trainer:
                 with autocast(self.device, tc.precision):
                     out = self.step_module(batch, self.step)
                 loss = out.loss.float()
-                finite = _is_finite(loss)
-                bad = bad or not finite
+                nonfinite = nonfinite | ~torch.isfinite(loss.detach())
                 # Backward runs even on a NaN loss: under DDP every rank must reach the gradient
                 # all-reduce; the step is dropped afterwards on all ranks together.
                 self.scaler.scale(loss * scale).backward()
-            loss_sum += float(loss.detach()) * scale if finite else float("nan")
+            loss_sum = loss_sum + loss.detach() * scale
             for k, v in (out.terms or {}).items():
-                val = float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)
-                terms_sum[k] = terms_sum.get(k, 0.0) + val * scale
-        return loss_sum, terms_sum, bad
+                v = v.detach().float().mean() if torch.is_tensor(v) else torch.tensor(float(v))
+                terms_sum[k] = terms_sum.get(k, 0.0) + v * scale
+        return loss_sum, terms_sum, nonfinite
 
-    def optimize(self, loss: float, bad_loss: bool) -> dict[str, float]:
+    def optimize(self, loss: torch.Tensor, nonfinite: torch.Tensor) -> dict[str, Any]:
         """Clip, agree on skipping non-finite steps across ranks, step optimizer/scheduler/EMA."""
         tc = self.cfg.train
         scaled = self.scaler.is_enabled()
-        grad_norm = float("nan")
-        if not bad_loss:
-            if scaled:
-                self.scaler.unscale_(self.optimizer)
-            max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        bad_grad = not scaled and not math.isfinite(grad_norm) and not bad_loss
-        bad = all_reduce_max_flag(self.dist, bad_loss or bad_grad)
-        logs: dict[str, float] = {}
+        if scaled:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        # With a GradScaler, inf gradients of a finite loss are its normal overflow handling.
+        flags = torch.stack([nonfinite, ~torch.isfinite(grad_norm.detach()) & ~nonfinite & (not scaled)])
+        flags = all_reduce_max_flags(self.dist, flags)
+        bad_loss, bad_grad = (bool(f) for f in flags.tolist())  # the one host sync of the step
+        bad = bad_loss or bad_grad
+        logs: dict[str, Any] = {}
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             if scaled:
@@ -479,8 +485,8 @@ class Trainer:
     # ------------------------------------------------------------------ logging / validation
     def log(self, logs: dict[str, float]) -> None:
         """Mean over ranks, then rank 0 sends the scalars to the tracker."""
-        finite = {k: v for k, v in logs.items() if isinstance(v, float)}
-        reduced = all_reduce_mean(self.dist, finite)
+        scalars = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float, torch.Tensor))}
+        reduced = all_reduce_mean(self.dist, scalars)
         if self.dist.is_main:
             record = {"step": self.step, **reduced}
             self.history.append(record)
