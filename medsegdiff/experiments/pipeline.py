@@ -70,6 +70,13 @@ def parse_stages(text: str | Sequence[str] | None) -> list[str]:
     return [s for s in STAGES if s in items]
 
 
+def say(message: str) -> None:
+    """A progress line on stdout (rank 0) that also goes to ``logs/run.log``."""
+    if _rank() == 0:
+        print(message, flush=True)
+    logger.info(message)
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
@@ -119,7 +126,7 @@ def ensure_dataset(cfg: ExperimentConfig, *, progress: bool = True) -> Path:
     from medsegdiff.data.synthetic import generate_dataset
 
     logger.info("generating %d synthetic cases (%s, %s layout) in %s", syn.cases, syn.shape, syn.layout, root)
-    print(f"[prepare] generating a synthetic ISLES24-like dataset ({syn.cases} cases) in {root}", flush=True)
+    say(f"[prepare] generating a synthetic ISLES24-like dataset ({syn.cases} cases) in {root}")
     generate_dataset(root, cases=syn.cases, seed=syn.seed, layout=syn.layout, shape=syn.shape, progress=progress)
     return root
 
@@ -148,7 +155,7 @@ def stage_prepare(cfg: ExperimentConfig, rd: RunDir, *, resume: bool, progress: 
 
     root = ensure_dataset(cfg, progress=progress)
     cache_dir = cache_dir_for(cfg, root)
-    print(f"[prepare] cache {cache_dir}", flush=True)
+    say(f"[prepare] cache {cache_dir}")
     manifest = prepare_dataset(root, cache_dir, cfg.data, workers=cfg.data.prepare_workers, progress=progress)
     if cfg.data.split.file and Path(cfg.data.split.file).resolve() != rd.splits.resolve():
         splits = Splits.load(cfg.data.split.file, manifest.case_ids)
@@ -157,8 +164,8 @@ def stage_prepare(cfg: ExperimentConfig, rd: RunDir, *, resume: bool, progress: 
     else:
         splits = make_splits(manifest.case_ids, cfg.data.split)
     splits.save(rd.splits)
-    print(f"[prepare] {len(manifest.case_ids)} cases: {len(splits.train)} train, {len(splits.val)} val, "
-          f"{len(splits.test)} test", flush=True)
+    say(f"[prepare] {len(manifest.case_ids)} cases: {len(splits.train)} train, {len(splits.val)} val, "
+        f"{len(splits.test)} test")
     return manifest, splits
 
 
@@ -197,8 +204,8 @@ def stage_train(cfg: ExperimentConfig, rd: RunDir, *, resume: bool, tracker: Any
     has_ckpt = find_latest(rd.root) is not None
     if resume and not has_ckpt:
         logger.info("no checkpoint in %s yet: training from the start", rd.root)
-    print(f"[train] {cfg.model.name} ({cfg.model.preset or 'custom'}) for {cfg.train.steps} steps"
-          + (f" or {cfg.train.time_budget_s:.0f} s" if cfg.train.time_budget_s else ""), flush=True)
+    say(f"[train] {cfg.model.name} ({cfg.model.preset or 'custom'}) for {cfg.train.steps} steps"
+        + (f" or {cfg.train.time_budget_s:.0f} s" if cfg.train.time_budget_s else ""))
     return train(cfg, rd.root, resume=resume and has_ckpt, tracker=tracker)
 
 
@@ -218,8 +225,8 @@ def stage_predict(cfg: ExperimentConfig, rd: RunDir, *, progress: bool = True) -
 
     ckpt = best_checkpoint(rd)
     cases = test_cases(rd)
-    print(f"[predict] {len(cases)} held-out cases with {ckpt.name} "
-          f"({cfg.inference.respacing or cfg.diffusion.respacing}, {cfg.inference.ensemble} members)", flush=True)
+    say(f"[predict] {len(cases)} held-out cases with {ckpt.name} "
+        f"({cfg.inference.respacing or cfg.diffusion.respacing}, {cfg.inference.ensemble} members)")
     return predict(ckpt, Path(cfg.data.cache_dir), rd.predictions, overrides=_inference_overrides(cfg), cases=cases,
                    progress=progress)
 
@@ -244,9 +251,9 @@ def stage_evaluate(cfg: ExperimentConfig, rd: RunDir, *, progress: bool = True) 
     kw: dict[str, Any] = dict(iou_threshold=ev.iou_threshold, hd95=ev.hd95, cases=cases, progress=progress)
     if hasattr(ev, "connectivity"):
         kw["connectivity"] = ev.connectivity
-    print(f"[evaluate] model predictions in {rd.predictions}", flush=True)
+    say(f"[evaluate] model predictions in {rd.predictions}")
     model = evaluate(rd.predictions, gt, rd.evaluation, **kw)
-    print(f"[evaluate] Tmax > {ev.tmax_threshold:g} s baseline on the same {len(cases)} cases", flush=True)
+    say(f"[evaluate] Tmax > {ev.tmax_threshold:g} s baseline on the same {len(cases)} cases")
     tmax_baseline(Path(cfg.data.cache_dir), rd.baseline_predictions, threshold=ev.tmax_threshold, cases=cases)
     base = evaluate(rd.baseline_predictions, gt, rd.baseline_evaluation, **kw)
     results = {
@@ -316,6 +323,10 @@ def log_results(tracker: Any, results: Mapping[str, Any], step: int) -> None:
     rows = [[name] + [results.get(key, {}).get(k) for k, _, _ in TABLE_COLUMNS]
             for name, key in (("medsegdiff", "model"), ("tmax_baseline", "baseline_tmax"))]
     tracker.log_table("test/summary", columns, rows, step=step)
+    per_case = results.get("per_case", {}).get("model") or []
+    if per_case:
+        keys = ["case_id", *(k for k, _, _ in TABLE_COLUMNS)]
+        tracker.log_table("test/cases", keys, [[r.get(k) for k in keys] for r in per_case], step=step)
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -356,8 +367,7 @@ def run_experiment(
     rd, cfg = init_shared_run_dir(cfg, reference, resume=reuse, command=command)
     rank = _rank()
     result = PipelineResult(run_dir=rd.root, stages=stages, cfg=cfg)
-    if rank == 0:
-        print(f"[run] {rd.root}", flush=True)
+    say(f"[run] {rd.root}")
     if tracker_factory is None:
         from medsegdiff.tracking import make_tracker
 
