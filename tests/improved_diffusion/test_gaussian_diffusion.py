@@ -374,3 +374,23 @@ def test_script_util_maps_flags():
     )
     assert create_gaussian_diffusion(steps=100).model_var_type == ModelVarType.FIXED_LARGE
     assert LossType.KL.is_vb() and not LossType.RESCALED_MSE.is_vb()
+
+
+@pytest.mark.gpu
+def test_cuda_sampling_loop_never_synchronises(smooth_model):
+    device = torch.device("cuda")
+    d = create_gaussian_diffusion(steps=100, timestep_respacing="ddim10", learn_sigma=True)
+
+    def model(x, t, **kw):
+        return torch.cat([smooth_model(x, t), torch.zeros_like(x)], 1)
+
+    d.ddim_sample_loop(model, (2, 1, 4, 4), device=device)  # builds the device tables and map once
+    assert d._tables(device)["alphas_cumprod"].dtype == torch.float64
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = d.ddim_sample_loop(model, (2, 1, 4, 4), device=device, eta=0.5)
+        out = d.p_sample_loop(model, (2, 1, 4, 4), device=device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.device.type == "cuda" and torch.isfinite(out).all()
