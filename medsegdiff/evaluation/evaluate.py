@@ -119,7 +119,9 @@ def _read_info(path: Path, what: str) -> Any:
     try:
         reader.ReadImageInformation()
     except RuntimeError as err:
-        raise DataError(f"{what} {path}: unreadable ({_first_line(err)}); re-export or replace the file") from None
+        raise DataError(
+            f"{what}: image file {path} cannot be read by SimpleITK ({_first_line(err)}); re-export or replace it"
+        ) from None
     return reader
 
 
@@ -137,15 +139,17 @@ def read_mask(path: str | Path, what: str = "mask") -> tuple[np.ndarray, Any]:
         ``(mask, image)``: bool array ``(Z, Y, X)`` (or ``(Y, X)``) and the ``sitk.Image``.
 
     Raises:
-        DataError: the file cannot be read or is not a scalar 2-D/3-D image.
+        DataError: the file is missing, truncated, unreadable or not a scalar 2-D/3-D image.
     """
     import SimpleITK as sitk
 
+    from medsegdiff.data.loading import read_image
+
     path = Path(path)
     try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        raise DataError(f"{what} {path}: unreadable ({_first_line(err)}); re-export or replace the file") from None
+        image = read_image(path)  # also detects truncated .nii.gz (SimpleITK would read zeros)
+    except DataError as err:
+        raise DataError(f"{what}: {err}") from None
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):
         raise DataError(
             f"{what} {path}: expected a scalar 2-D/3-D mask, got {image.GetDimension()}-D with "

@@ -85,11 +85,21 @@ def test_mismatched_grid_message(three_cases, tmp_path, write_mask):
 def test_unreadable_files(three_cases, tmp_path):
     pred_dir, gt_dir = three_cases
     (pred_dir / "sub-stroke0001.nii.gz").write_bytes(b"not a nifti")
-    with pytest.raises(DataError, match=r"prediction .*sub-stroke0001\.nii\.gz: unreadable \(.*\); re-export"):
+    with pytest.raises(DataError, match=r"prediction: image file .*sub-stroke0001\.nii\.gz cannot be read by SimpleITK"):
         evaluate(pred_dir, gt_dir, tmp_path / "e", progress=False)
-    (gt_dir / "sub-stroke0003.nii.gz").write_bytes(b"\x1f\x8b garbage")
     (pred_dir / "sub-stroke0001.nii.gz").unlink()
-    with pytest.raises(DataError, match=r"reference mask .*sub-stroke0003\.nii\.gz: unreadable"):
+    (gt_dir / "sub-stroke0003.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(DataError, match=r"reference mask: image file .*sub-stroke0003\.nii\.gz cannot be read"):
+        evaluate(pred_dir, gt_dir, tmp_path / "e", progress=False)
+
+
+def test_truncated_reference_is_an_error_not_zeros(three_cases, tmp_path, write_mask):
+    pred_dir, gt_dir = three_cases
+    big = np.random.default_rng(0).random((20, 30, 40)) > 0.5  # incompressible enough to truncate
+    path = write_mask(gt_dir / "sub-stroke0003.nii.gz", big)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"reference mask: image file .*sub-stroke0003\.nii\.gz is (truncated|a corrupt)"):
         evaluate(pred_dir, gt_dir, tmp_path / "e", progress=False)
 
 

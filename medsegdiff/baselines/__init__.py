@@ -1,0 +1,1 @@
+"""Non-learned reference methods (the official Tmax > 9 s baseline)."""
