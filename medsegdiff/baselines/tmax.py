@@ -6,13 +6,17 @@ NCCT grid. We do the same per case with the ``space-ncct`` Tmax found by
 :func:`medsegdiff.data.discovery.discover_cases` and write ``sub-strokeNNNN.nii.gz`` (uint8, the
 Tmax grid copied exactly) so ``medsegdiff evaluate`` scores it like any model. The threshold is
 strict (``>``), as in the official code.
+
+``data`` may also be a prepared cache (``medsegdiff prepare``): its ``native.npz`` holds the raw
+Tmax on each case's native NCCT grid, which is used with the cached native geometry.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,9 +45,15 @@ def predict_case(tmax_path: str | Path, out_path: str | Path, threshold: float =
     tmax_img = read_image(tmax_path)
     if tmax_img.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(f"Tmax map {tmax_path}: expected a scalar image, got a vector image; check the file")
-    mask = sitk.GetImageFromArray(tmax_mask(sitk.GetArrayViewFromImage(tmax_img), threshold))
-    mask.CopyInformation(tmax_img)
-    out_path = Path(out_path)
+    return _write_mask(tmax_mask(sitk.GetArrayViewFromImage(tmax_img), threshold), tmax_img, Path(out_path))
+
+
+def _write_mask(mask_zyx: np.ndarray, geometry_image: Any, out_path: Path) -> Path:
+    """Write a uint8 mask with the grid of ``geometry_image`` (a ``sitk.Image``), atomically."""
+    import SimpleITK as sitk
+
+    mask = sitk.GetImageFromArray(mask_zyx)
+    mask.CopyInformation(geometry_image)
     atomic_write_with(out_path, lambda tmp: sitk.WriteImage(mask, tmp, True), suffix=".nii.gz")
     return out_path
 
@@ -56,10 +66,11 @@ def tmax_baseline(
     cases: Sequence[str] | None = None,
     progress: bool = True,
 ) -> list[Path]:
-    """Write the official Tmax > ``threshold`` baseline for every case of an ISLES'24 data root.
+    """Write the official Tmax > ``threshold`` baseline for every case of a data root or cache.
 
     Args:
-        data: dataset root (either release layout), a case folder (see ``discover_cases``).
+        data: dataset root (either release layout), a case folder (see ``discover_cases``), or a
+            prepared cache folder (holding ``manifest.json``).
         out_dir: folder for ``sub-strokeNNNN.nii.gz`` predictions (created).
         threshold: Tmax cut-off in seconds (official: 9).
         cases: only these case ids (default: all found).
@@ -75,24 +86,59 @@ def tmax_baseline(
     """
     from tqdm import tqdm
 
+    data = Path(data)
+    out_dir = Path(out_dir)
+    if (data / "manifest.json").is_file():
+        return _from_cache(data, out_dir, threshold, cases, progress)
+
     from medsegdiff.data.discovery import discover_cases
 
     result = discover_cases(data, ["tmax"], require_mask=False)
     by_id = {c.case_id: c for c in result.cases}
-    if cases is not None:
-        unknown = sorted(set(cases) - set(by_id))
-        if unknown:
-            raise DataError(f"data {data}: requested case(s) not found: {', '.join(unknown)}")
-        by_id = {c: by_id[c] for c in cases}
-    todo = {cid: c.images["tmax"] for cid, c in sorted(by_id.items()) if "tmax" in c.images}
-    skipped = sorted(set(by_id) - set(todo))
-    if skipped:
-        logger.warning("tmax baseline: %d case(s) without a space-ncct Tmax map skipped: %s",
-                       len(skipped), ", ".join(skipped))
-    if not todo:
-        raise DataError(f"data {data}: no case has a space-ncct Tmax map (derivatives/*/ses-01/perfusion-maps/)")
-    out_dir = Path(out_dir)
+    ids = _select(by_id, cases, data)
+    todo = {cid: by_id[cid].images["tmax"] for cid in ids if "tmax" in by_id[cid].images}
+    _report_skipped(sorted(set(ids) - set(todo)), len(todo), data)
     written = []
     for case_id, tmax_path in tqdm(todo.items(), desc="tmax baseline", unit="case", disable=not progress):
         written.append(predict_case(tmax_path, out_dir / f"{case_id}.nii.gz", threshold))
+    return written
+
+
+def _select(available: Iterable[str], cases: Sequence[str] | None, data: Path) -> list[str]:
+    ids = sorted(available)
+    if cases is None:
+        return ids
+    unknown = sorted(set(cases) - set(ids))
+    if unknown:
+        raise DataError(f"data {data}: requested case(s) not found: {', '.join(unknown)}")
+    return sorted(cases)
+
+
+def _report_skipped(skipped: list[str], n_written: int, data: Path) -> None:
+    if skipped:
+        logger.warning("tmax baseline: %d case(s) without a space-ncct Tmax map skipped: %s",
+                       len(skipped), ", ".join(skipped))
+    if not n_written:
+        raise DataError(f"data {data}: no case has a space-ncct Tmax map "
+                        "(derivatives/*/ses-01/perfusion-maps/*_space-ncct_tmax.nii.gz)")
+
+
+def _from_cache(cache: Path, out_dir: Path, threshold: float, cases: Sequence[str] | None,
+                progress: bool) -> list[Path]:
+    from tqdm import tqdm
+
+    from medsegdiff.data.cache import Manifest
+
+    manifest = Manifest.open(cache)
+    ids = _select(manifest.case_ids, cases, cache)
+    written, skipped = [], []
+    for case_id in tqdm(ids, desc="tmax baseline", unit="case", disable=not progress):
+        case = manifest.case(case_id)
+        tmax = case.native_tmax()
+        if tmax is None:
+            skipped.append(case_id)
+            continue
+        ref = case.native_geometry.reference_image()
+        written.append(_write_mask(tmax_mask(tmax, threshold), ref, out_dir / f"{case_id}.nii.gz"))
+    _report_skipped(skipped, len(written), cache)
     return written

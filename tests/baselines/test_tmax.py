@@ -90,3 +90,22 @@ def test_no_tmax_anywhere_message(tmp_path):
         tmax_baseline(root, tmp_path / "pred", progress=False)
     with pytest.raises(DataError, match="requested case\\(s\\) not found: sub-stroke9999"):
         tmax_baseline(root, tmp_path / "pred", cases=["sub-stroke9999"], progress=False)
+
+
+def test_cache_input_matches_data_root_input(tmp_path):
+    from medsegdiff.config.data import DataConfig
+    from medsegdiff.data.preprocess import prepare_dataset
+    from medsegdiff.data.synthetic import generate_dataset
+
+    root, cache = tmp_path / "synth", tmp_path / "cache"
+    ids = generate_dataset(root, cases=2, seed=3)
+    prepare_dataset(root, cache, DataConfig(image_size=16), workers=1, progress=False)
+    from_root = tmax_baseline(root, tmp_path / "a", progress=False)
+    from_cache = tmax_baseline(cache, tmp_path / "b", cases=ids, progress=False)
+    assert [p.name for p in from_cache] == [p.name for p in from_root] == [f"{i}.nii.gz" for i in ids]
+    for a, b in zip(from_root, from_cache):
+        ia, ib = sitk.ReadImage(str(a)), sitk.ReadImage(str(b))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(ia), sitk.GetArrayFromImage(ib))
+        assert sitk.GetArrayFromImage(ia).any()
+        assert ib.GetSize() == ia.GetSize()
+        np.testing.assert_allclose(ib.GetOrigin(), ia.GetOrigin(), atol=1e-3)  # NCCT vs Tmax header
