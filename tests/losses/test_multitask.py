@@ -100,3 +100,17 @@ def test_uncertainty_log_variances_converge_to_log_loss():
 def test_bad_strategy_message():
     with pytest.raises(ValueError, match="strategy 'magic' is unknown; allowed: fixed, warmup, uncertainty"):
         LossCombiner("magic", ["diffusion"])
+
+
+def test_snr_weights_on_the_real_diffusion_schedule():
+    from medsegdiff.config.diffusion import DiffusionConfig
+    from medsegdiff.diffusion.factory import build_diffusion
+
+    diffusion = build_diffusion(DiffusionConfig(), respacing="")
+    abar = np.asarray(diffusion.alphas_cumprod, dtype=np.float64)
+    t = torch.tensor([0, len(abar) // 2, len(abar) - 1])
+    expected = np.minimum(abar[t.numpy()] / (1.0 - abar[t.numpy()]), 1.0)
+    torch.testing.assert_close(timestep_weights(diffusion, t, "snr"), torch.from_numpy(expected).float())
+    w = timestep_weights(diffusion, torch.arange(len(abar)), "snr")
+    assert w[0] == 1.0 and w[-1] < 1e-3  # pure-noise steps barely count
+    assert bool((w[1:] <= w[:-1]).all())  # monotone in t
