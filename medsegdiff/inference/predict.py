@@ -278,7 +278,7 @@ class Predictor:
         probs = sample_probabilities(
             self.model, self.diffusion, images, members=self.members_per_case, sampler=cfg.diffusion.sampler,
             eta=cfg.diffusion.eta, batch_size=cfg.inference.batch_size, generator=gen, progress=progress,
-            precision=self.precision, clip_denoised=cfg.diffusion.clip_denoised,
+            precision=self.precision, clip_denoised=cfg.diffusion.clip_denoised, desc=case_id,
         )
         if cfg.data.dims == 3:  # (M, 1, Z, H, W) -> (M, Z, H, W)
             probs = probs[:, 0]

@@ -166,6 +166,7 @@ def sample_probabilities(
     precision: str = "fp32",
     clip_denoised: bool = True,
     naive: bool = False,
+    desc: str = "sampling",
 ) -> Tensor:
     """Sample ``members`` lesion-probability maps for every image (slice) of a volume.
 
@@ -191,6 +192,7 @@ def sample_probabilities(
         naive: the slow reference path (one slice and one member at a time, the image
             re-encoded at every step via ``forward(image=...)``); same numbers, for tests and
             ``medsegdiff bench sample``.
+        desc: label of the progress bar (e.g. the case id).
 
     Returns:
         ``Tensor[members, N, *S]`` float32 probabilities in [0, 1] (``members = 1`` for the
@@ -215,9 +217,9 @@ def sample_probabilities(
             base_seed = _draw_base_seed(generator)
             if naive:
                 return _sample_naive(model, diffusion, images, members, sampler, eta, base_seed,
-                                     noise, progress, precision, clip_denoised)
+                                     noise, progress, precision, clip_denoised, desc)
             return _sample_fast(model, diffusion, images, members, sampler, eta, batch_size, base_seed,
-                                noise, progress, precision, clip_denoised)
+                                noise, progress, precision, clip_denoised, desc)
     finally:
         model.train(was_training)
 
@@ -248,6 +250,7 @@ def _sample_fast(
     progress: bool,
     precision: str,
     clip_denoised: bool,
+    desc: str,
 ) -> Tensor:
     from medsegdiff.nets.blocks import repeat_features
 
@@ -270,7 +273,7 @@ def _sample_fast(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(chunks) * tables.num_steps, desc="sampling", unit="step", leave=False)
+        bar = tqdm(total=len(chunks) * tables.num_steps, desc=desc, unit="step", leave=False)
     feats, feats_for = None, None
     for s0, s1, m0, m1 in chunks:
         ns, nm = s1 - s0, m1 - m0
@@ -309,6 +312,7 @@ def _sample_naive(
     progress: bool,
     precision: str,
     clip_denoised: bool,
+    desc: str,
 ) -> Tensor:
     device = images.device
     n, spatial = images.shape[0], tuple(images.shape[2:])
@@ -321,7 +325,7 @@ def _sample_naive(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=members * n * tables.num_steps, desc="sampling (naive)", unit="step", leave=False)
+        bar = tqdm(total=members * n * tables.num_steps, desc=f"{desc} (naive)", unit="step", leave=False)
     for m in range(members):
         for i in range(n):
             kwargs = {"image": images[i : i + 1]}  # re-encoded inside forward at every step
