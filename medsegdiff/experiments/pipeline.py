@@ -197,7 +197,7 @@ def best_checkpoint(rd: RunDir) -> Path:
     return Path(latest)
 
 
-def stage_train(cfg: ExperimentConfig, rd: RunDir, *, resume: bool, tracker: Any) -> Any:
+def stage_train(cfg: ExperimentConfig, rd: RunDir, *, resume: bool, tracker: Any, progress: bool = True) -> Any:
     from medsegdiff.training.checkpoint import find_latest
     from medsegdiff.training.trainer import train
 
@@ -206,7 +206,13 @@ def stage_train(cfg: ExperimentConfig, rd: RunDir, *, resume: bool, tracker: Any
         logger.info("no checkpoint in %s yet: training from the start", rd.root)
     say(f"[train] {cfg.model.name} ({cfg.model.preset or 'custom'}) for {cfg.train.steps} steps"
         + (f" or {cfg.train.time_budget_s:.0f} s" if cfg.train.time_budget_s else ""))
-    return train(cfg, rd.root, resume=resume and has_ckpt, tracker=tracker)
+    from medsegdiff.tracking.progress import ProgressTracker
+
+    bar = ProgressTracker(tracker, cfg.train.steps, enabled=progress and tracker is not None)
+    try:
+        return train(cfg, rd.root, resume=resume and has_ckpt, tracker=bar if tracker is not None else None)
+    finally:
+        bar.close()
 
 
 def test_cases(rd: RunDir) -> list[str]:
@@ -391,7 +397,8 @@ def run_experiment(
             result.cfg = cfg
             # ---- train (every rank)
             if "train" in stages:
-                result.train = stage_train(cfg, rd, resume=resume, tracker=tracker if rank == 0 else None)
+                result.train = stage_train(cfg, rd, resume=resume, tracker=tracker if rank == 0 else None,
+                                           progress=progress)
             if rank != 0:
                 status = "done"
                 return result

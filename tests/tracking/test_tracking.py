@@ -178,3 +178,18 @@ def test_real_wandb_offline_run_lives_in_run_dir(tmp_path, monkeypatch):
     assert offline.parent == tmp_path / "wandb" and offline.name.startswith("offline-run-")
     data = b"".join(p.read_bytes() for p in offline.glob("run-*.wandb"))
     assert b"quickstart_metric_xyz" in data and b"0.125" in data
+
+
+def test_progress_tracker_advances_to_the_logged_step_and_forwards(tmp_path):
+    from medsegdiff.tracking.progress import ProgressTracker
+
+    inner = make_tracker(cfg_with("tracking.backend=none"), tmp_path)
+    bar = ProgressTracker(inner, total=100, enabled=False)
+    bar.log({"train/loss": 0.5}, step=20)
+    bar.log({"val/dice": 0.25}, step=20)
+    bar.log({"train/loss": 0.25}, step=40)
+    assert bar.bar.n == 40
+    bar.close()
+    inner.log({"after": 1}, step=41)  # closing the bar leaves the tracker open
+    inner.finish()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [20, 20, 40, 41]
