@@ -12,10 +12,13 @@ from medsegdiff.config.base import option
 class InferenceConfig:
     respacing: str = option("", doc="override the diffusion respacing for prediction; empty = diffusion.respacing")
     ensemble: int = option(5, ge=1, doc="ensemble members per case")
-    combine: Literal["mean", "vote", "staple"] = option("mean")
-    uncertainty: Literal["std", "entropy"] = option("std")
+    combine: Literal["mean", "vote", "staple"] = option(
+        "mean", doc="ensemble combination: mean probability, majority vote (ties = lesion), or real STAPLE (EM)")
+    uncertainty: Literal["std", "entropy"] = option(
+        "std", doc="per-voxel uncertainty: std of member probabilities, or binary entropy (bits) of their mean")
     threshold: float = option(0.5, gt=0.0, lt=1.0, doc="probability threshold (replaced by a calibrated one if present)")
-    use_calibrated_threshold: bool = option(True)
+    use_calibrated_threshold: bool = option(
+        True, doc="use <run>/calibration.json (or the checkpoint's calibration) instead of inference.threshold")
     use_ema: bool = option(True)
     batch_size: int = option(64, ge=1, doc="slices x members through the model at once (memory budget)")
     precision: Literal["auto", "fp32", "bf16"] = option("auto", doc="auto = bf16 on GPU, fp32 on CPU")
