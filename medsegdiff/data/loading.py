@@ -12,6 +12,12 @@ case, the file and the problem. :func:`load_cases` applies ``data.on_error`` (sk
 ``data.missing_modality`` (skip_case or fail) and returns every skipped case with its reason, so
 nothing is dropped silently.
 
+Non-finite voxels (NaN/inf) are replaced by 0 and counted per modality. ITK's NIfTI reader
+already turns NaN into 0 without telling, so for float NIfTI files the count comes from one
+streaming pass over the raw voxel data (:func:`count_nonfinite_nifti`; it also proves the gzip
+stream complete). Truncated ``.nii.gz`` files, which SimpleITK reads silently with zeros past
+the cut, are caught by comparing the gzip trailer's size with the size the NIfTI header implies.
+
 Arrays follow SimpleITK order: ``(Z, Y, X)`` (4-D CTP: ``(T, Z, Y, X)``).
 """
 
@@ -256,6 +262,50 @@ def read_image(path: str | os.PathLike[str]) -> sitk.Image:
     return image
 
 
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def count_nonfinite_nifti(path: str | os.PathLike[str]) -> int:
+    """Number of NaN/inf voxels stored in a float NIfTI-1 file (0 for integer types).
+
+    ITK's NIfTI reader silently turns NaN into 0, so the count must come from the raw voxel data:
+    the file is streamed once (the whole gzip stream is decompressed, which also verifies it).
+
+    Raises:
+        DataError: the gzip stream is corrupt or truncated.
+    """
+    p = Path(path)
+    gz = p.name.lower().endswith(".gz")
+    opener = gzip.open if gz else open
+    try:
+        with opener(p, "rb") as fh:  # type: ignore[operator]
+            header = fh.read(352)
+            if len(header) < 348:
+                return 0
+            endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+            if struct.unpack(endian + "i", header[:4])[0] != 348:
+                return 0  # not NIfTI-1
+            code = struct.unpack(endian + "h", header[70:72])[0]
+            if code not in _NIFTI_FLOATS:
+                return 0
+            dtype = np.dtype(endian + _NIFTI_FLOATS[code])
+            vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            fh.read(max(0, vox_offset - len(header)))
+            count, rest = 0, b""
+            chunk_elems = (1 << 22) // dtype.itemsize
+            while True:
+                data = fh.read(chunk_elems * dtype.itemsize)
+                if not data:
+                    break
+                data = rest + data
+                usable = len(data) - len(data) % dtype.itemsize
+                rest = data[usable:]
+                count += int(np.count_nonzero(~np.isfinite(np.frombuffer(data[:usable], dtype=dtype))))
+            return count
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"image file {p} is truncated or corrupt ({err}); re-extract or re-download it") from None
+
+
 def read_geometry(path: str | os.PathLike[str]) -> Geometry:
     """Grid of an image file from its header only (no voxel data is read)."""
     import SimpleITK as sitk
@@ -387,6 +437,12 @@ def load_case(case: CaseFiles, data_cfg: DataConfig) -> LoadedCase:
         n_bad = int(bad.sum())
         if n_bad:
             arr = np.where(bad, np.float32(0.0), arr)
+        elif path.name.lower().endswith((".nii", ".nii.gz")):
+            try:  # ITK already replaced NaN by 0 in NIfTI files: count them from the raw data
+                n_bad = count_nonfinite_nifti(path)
+            except DataError as err:
+                raise _case_error(cid, path, err, "unreadable") from None
+        if n_bad:
             notes.append(f"{m}: {n_bad} non-finite voxels replaced by 0")
         nonfinite[m] = n_bad
         if not np.any(arr):
@@ -477,5 +533,5 @@ def skipped_summary(skipped: Sequence[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CaseError", "Geometry", "LoadedCase", "iter_cases", "load_case", "load_cases", "read_geometry",
+__all__ = ["CaseError", "Geometry", "LoadedCase", "count_nonfinite_nifti", "iter_cases", "load_case", "load_cases", "read_geometry",
            "read_image", "skipped_summary"]

@@ -298,7 +298,7 @@ def _case_ids(n: int, rng: np.random.Generator) -> list[str]:
 
 
 def synthesize_case(spec: CaseSpec, rng: np.random.Generator, *, ctp: bool = False) -> dict[str, np.ndarray]:
-    """Images and mask of one case, arrays ``(Z, Y, X)``.
+    """Images and mask of one case, arrays ``(Z, Y, X)`` (see the module docstring for the model).
 
     Returns:
         dict with ``ncct``/``cta`` int16 HU, ``tmax``/``mtt``/``cbf``/``cbv`` float32,
@@ -310,8 +310,19 @@ def synthesize_case(spec: CaseSpec, rng: np.random.Generator, *, ctp: bool = Fal
     spz = (sz, sxy, sxy)
     f32 = np.float32
 
-    def F(scale: float) -> np.ndarray:
-        return smooth_field(rng, shape, spz, scale)
+    def F(scale: float, n_z: int = nz) -> np.ndarray:
+        return smooth_field(rng, (n_z, ny, nx), spz, scale)
+
+    # one bank of normals; each noise() call is a differently shifted view (cheap at full size)
+    bank = rng.standard_normal((nz + 2, ny + 8, nx + 8), dtype=f32)
+    offsets = [(a, b, c) for a in range(3) for b in range(8) for c in range(8)]
+    order = rng.permutation(len(offsets))
+    calls = [0]
+
+    def noise(sigma: float, z0: int = 0, z1: int = nz) -> np.ndarray:
+        dz, dy, dx = offsets[order[calls[0] % len(offsets)]]
+        calls[0] += 1
+        return bank[dz + z0:dz + z1, dy:dy + ny, dx:dx + nx] * f32(sigma)
 
     zc = ((np.arange(nz, dtype=f32) - (nz - 1) / 2) * sz)[:, None, None]
     yc = ((np.arange(ny, dtype=f32) - (ny - 1) / 2) * sxy)[None, :, None]
@@ -330,7 +341,7 @@ def synthesize_case(spec: CaseSpec, rng: np.random.Generator, *, ctp: bool = Fal
         vent |= (((xc - side * 9.0) / 6.0) ** 2 + ((yc + 5.0) / 24.0) ** 2 + ((zc - oz - 8.0) / 11.0) ** 2) < 1.0
     csf = brain & (vent | (tex < -1.9))
     tissue = brain & ~csf
-    g = np.clip(_sigmoid(2.0 * tex) + 0.45 * (rho > 0.86), 0.0, 1.0).astype(f32)  # grey fraction
+    g = np.clip(0.5 + 0.35 * tex + 0.45 * (rho > 0.86), 0.0, 1.0).astype(f32)  # grey-matter fraction
 
     # ---- slab: ~32 mm (16 slices at 2 mm), >= 8 slices on small grids
     n_slab = min(nz, max(int(round(32.0 / sz)), 8))
@@ -351,8 +362,7 @@ def synthesize_case(spec: CaseSpec, rng: np.random.Generator, *, ctp: bool = Fal
     h_score = np.sqrt(((xc - hx) / (1.1 * r)) ** 2 + ((yc - hy) / (1.25 * r)) ** 2
                       + ((zc - hz) / (0.55 * r)) ** 2) + 0.25 * F(15.0)
     hemi = (xc * side) > 3.0
-    eligible = tissue & hemi
-    hypo, _ = _lowest(h_score, eligible, int(round(v_hypo / voxel_ml)))
+    hypo, _ = _lowest(h_score, tissue & hemi, int(round(v_hypo / voxel_ml)))
     c_score = h_score + 0.45 * F(8.0)
     n_les = max(1, int(round(v_les / voxel_ml)))
     if spec.empty_mask:
@@ -363,103 +373,101 @@ def synthesize_case(spec: CaseSpec, rng: np.random.Generator, *, ctp: bool = Fal
         growth = float(rng.uniform(0.1, 0.35))
         lesion, _ = _lowest(c_score, hypo, n_les)
         core, _ = _lowest(c_score, hypo, max(1, int(round(n_les / (1.0 + growth)))))
+    del h_score, c_score
     h = _soften(hypo, spz)
     k = _soften(core, spz)
 
     # ---- slab position: centred on the lesion (hypoperfused region), jittered
     zi = int(round(hz / sz + (nz - 1) / 2))
     lo = int(np.clip(zi - n_slab // 2 + rng.integers(-1, 2), 0, nz - n_slab))
-    slab = np.zeros((nz, 1, 1), bool)
-    slab[lo:lo + n_slab] = True
+    hi = lo + n_slab
+    zs = slice(lo, hi)
 
-    # ---- vessels
-    vessel = brain & (np.abs(F(20.0)) < 0.09) & (np.abs(F(20.0)) < 0.09)
+    # ---- vessels (full volume, for CTA)
+    fv = F(20.0)
+    vessel = brain & (np.abs(fv) < 0.09) & (np.abs(F(20.0)) < 0.09)
     vessel_w = vessel.astype(f32) * (1.0 - 0.7 * h)
 
-    # ---- distractor: raised Tmax, normal flow
-    distract = np.zeros(shape, f32)
+    # ---- perfusion maps, computed on the slab only (0 elsewhere)
+    hs, ks, gs, csf_s, ves_s = h[zs], k[zs], g[zs], csf[zs], vessel[zs]
+    vw_s, brain_s, tissue_s = vessel_w[zs], brain[zs], tissue[zs]
+    distract = np.zeros(hs.shape, f32)  # raised Tmax, normal flow (benign oligaemia)
     if rng.random() < 0.7:
         d_vol = v_hypo * rng.uniform(0.15, 0.4)
         rd = (3 * d_vol * 1000 / (4 * math.pi)) ** (1 / 3)
         dx, dy = -side * rng.uniform(0.2, 0.5) * ax, rng.uniform(-0.5, 0.5) * ay
-        d_score = np.sqrt(((xc - dx) / rd) ** 2 + ((yc - dy) / rd) ** 2 + ((zc - hz) / (0.6 * rd)) ** 2) + 0.2 * F(15.0)
-        dmask, _ = _lowest(d_score, tissue & ~hypo, int(round(d_vol / voxel_ml)))
+        d_score = (np.sqrt(((xc - dx) / rd) ** 2 + ((yc - dy) / rd) ** 2 + ((zc[zs] - hz) / (0.6 * rd)) ** 2)
+                   + 0.2 * F(15.0, n_slab))
+        dmask, _ = _lowest(d_score, tissue_s & ~hypo[zs], int(round(d_vol / voxel_ml)))
         distract = _soften(dmask, spz)
 
-    def noise(sigma: float) -> np.ndarray:
-        return rng.standard_normal(shape, dtype=f32) * f32(sigma)
+    def nz_(sigma: float) -> np.ndarray:
+        return noise(sigma, lo, hi)
 
-    # ---- perfusion maps
     t_pen = rng.uniform(10.5, 13.0)
-    tmax = 1.0 + 0.5 * np.abs(F(12.0)) + 0.8 * F(10.0) * h
-    tmax = tmax + h * (t_pen - tmax) + k * rng.uniform(3.0, 6.0) + distract * rng.uniform(7.5, 10.0)
-    tmax = tmax + noise(1.0)
-    tmax = np.where(csf, 1.0 + 1.5 * np.abs(noise(1.0)), tmax)
-    tmax = np.where(vessel, 0.5 + np.abs(noise(0.5)), tmax)
+    tmax = 1.0 + 0.5 * np.abs(F(12.0, n_slab)) + 0.8 * F(10.0, n_slab) * hs
+    tmax = tmax + hs * (t_pen - tmax) + ks * rng.uniform(3.0, 6.0) + distract * rng.uniform(7.5, 10.0) + nz_(1.0)
+    tmax = np.where(csf_s, 1.0 + 1.5 * np.abs(nz_(1.0)), tmax)
+    tmax = np.where(ves_s, 0.5 + np.abs(nz_(0.5)), tmax)
     tmax = np.clip(tmax, 0.0, 25.0)
 
-    mtt = 4.0 + 0.5 * F(12.0) + h * rng.uniform(4.0, 7.0) + k * rng.uniform(2.0, 4.0) + 2.0 * distract + noise(0.8)
-    mtt = np.where(csf, 1.0 + np.abs(noise(1.5)), mtt)
-    mtt = np.where(vessel, 2.0 + np.abs(noise(0.5)), mtt)
+    mtt = (4.0 + 0.5 * F(12.0, n_slab) + hs * rng.uniform(4.0, 7.0) + ks * rng.uniform(2.0, 4.0) + 2.0 * distract
+           + nz_(0.8))
+    mtt = np.where(csf_s, 1.0 + np.abs(nz_(1.5)), mtt)
+    mtt = np.where(ves_s, 2.0 + np.abs(nz_(0.5)), mtt)
 
-    cbf_base = 35.0 + 20.0 * g
-    pen_drop = np.clip(rng.uniform(0.25, 0.4) + 0.15 * F(15.0), 0.05, 0.7)
-    core_drop = np.clip(rng.uniform(0.65, 0.85) + 0.12 * F(10.0), 0.3, 0.95)
-    cbf = cbf_base * (1.0 - h * pen_drop) * (1.0 - k * core_drop)
-    cbf = cbf * (1.0 + 0.08 * F(12.0)) + noise(5.0)
-    cbf = np.where(csf, np.abs(noise(3.0)), cbf)
-    cbf = cbf + vessel_w * rng.uniform(50.0, 90.0)
+    pen_drop = np.clip(rng.uniform(0.25, 0.4) + 0.15 * F(15.0, n_slab), 0.05, 0.7)
+    core_drop = np.clip(rng.uniform(0.65, 0.85) + 0.12 * F(10.0, n_slab), 0.3, 0.95)
+    cbf = (35.0 + 20.0 * gs) * (1.0 - hs * pen_drop) * (1.0 - ks * core_drop)
+    cbf = cbf * (1.0 + 0.08 * F(12.0, n_slab)) + nz_(5.0)
+    cbf = np.where(csf_s, np.abs(nz_(3.0)), cbf) + vw_s * rng.uniform(50.0, 90.0)
 
-    cbv_base = 1.8 + 2.7 * g
-    cbv = cbv_base * (1.0 + 0.15 * h) * (1.0 - k * rng.uniform(0.6, 0.8)) + noise(0.35)
-    cbv = np.where(csf, 0.3 + noise(0.2), cbv)
-    cbv = cbv + vessel_w * rng.uniform(4.0, 7.0)
+    cbv = (1.8 + 2.7 * gs) * (1.0 + 0.15 * hs) * (1.0 - ks * rng.uniform(0.6, 0.8)) + nz_(0.35)
+    cbv = np.where(csf_s, 0.3 + nz_(0.2), cbv) + vw_s * rng.uniform(4.0, 7.0)
 
-    inside = brain & slab
-    out = {}
-    for name, arr in (("tmax", tmax), ("mtt", mtt), ("cbf", cbf), ("cbv", cbv)):
-        arr = np.where(inside, arr, 0.0).astype(f32)
-        out[name] = arr
-    # rare outliers and negative values (reference section 6)
-    n_in = int(inside.sum())
+    out: dict[str, np.ndarray] = {}
+    n_in = int(brain_s.sum())
     n_out = max(1, n_in // 1000) if n_in else 0
-    if n_out:
-        idx = np.flatnonzero(np.broadcast_to(inside, shape).ravel())
-        for name, lo_v, hi_v in (("cbf", 3.0, 8.0), ("cbv", -3.0, 5.0), ("mtt", -4.0, 3.0)):
+    idx = np.flatnonzero(brain_s.ravel()) if n_out else None
+    for name, arr in (("tmax", tmax), ("mtt", mtt), ("cbf", cbf), ("cbv", cbv)):
+        slab_arr = np.where(brain_s, arr, 0.0).astype(f32)
+        if idx is not None and name != "tmax":  # rare outliers and negative values (reference section 6)
+            lo_v, hi_v = {"cbf": (3.0, 8.0), "cbv": (-3.0, 5.0), "mtt": (-4.0, 3.0)}[name]
             sel = rng.choice(idx, size=n_out, replace=False)
-            flat = out[name].reshape(-1)
+            flat = slab_arr.reshape(-1)
             flat[sel] = flat[sel] * rng.uniform(lo_v, hi_v, size=n_out).astype(f32)
+        full = np.zeros(shape, f32)
+        full[zs] = slab_arr
+        out[name] = full
 
     # ---- NCCT and CTA (HU)
-    skull_hu = np.clip(1100.0 + 400.0 * F(20.0), 500.0, 1900.0)
-    ncct = np.full(shape, -1000.0, f32) + noise(8.0)
-    ncct = np.where(scalp, 35.0 + noise(6.0), ncct)
-    ncct = np.where(skull, skull_hu + noise(30.0), ncct)
+    skull_hu = np.clip(1100.0 + 400.0 * fv, 500.0, 1900.0)  # fv is only used inside the brain elsewhere
     brain_hu = 28.0 + 10.0 * g - k * rng.uniform(2.0, 5.0) + noise(3.0)
-    ncct = np.where(tissue, brain_hu, ncct)
-    ncct = np.where(csf, 6.0 + noise(3.0), ncct)
-    cta = np.where(tissue, brain_hu + 10.0 + vessel_w * rng.uniform(150.0, 350.0) + noise(2.0), ncct)
-    cta = np.where(csf, 10.0 + noise(4.0), cta)
+    ncct = np.where(scalp, 35.0 + noise(6.0), noise(8.0) - 1000.0)
+    ncct = np.where(skull, skull_hu + noise(30.0), ncct)
+    ncct = np.where(tissue, brain_hu, np.where(csf, 6.0 + noise(3.0), ncct))
+    cta = np.where(tissue, brain_hu + 10.0 + vessel_w * rng.uniform(150.0, 350.0) + noise(2.0),
+                   np.where(csf, 10.0 + noise(4.0), ncct))
     out["ncct"] = np.clip(np.rint(ncct), -1024, 3071).astype(np.int16)
     out["cta"] = np.clip(np.rint(cta), -1024, 3071).astype(np.int16)
     if ctp:
         frames = 32
         t = np.arange(frames, dtype=f32)[:, None, None, None]
-        delay = 3.0 + np.where(inside, tmax, 0.0)[None]
-        bolus = np.clip(t - delay, 0, None)
+        bolus = np.clip(t - (3.0 + out["tmax"][None]), 0, None)
         curve = bolus * np.exp(-bolus / 4.0) / 4.0  # gamma-variate-like bolus passage
-        amp = np.where(inside, cbv, 0.0)[None] * 8.0
-        out["ctp"] = np.clip(np.rint(ncct[None] + amp * curve), -1024, 3071).astype(np.int16)
+        amp = out["cbv"][None] * 8.0
+        out["ctp"] = np.clip(np.rint(out["ncct"][None] + amp * curve), -1024, 3071).astype(np.int16)
 
     mask = lesion.astype(np.uint8)
     out["mask"] = mask
+    n_mask = int(mask.sum())
     spec.stats = {
-        "lesion_voxels": int(mask.sum()),
-        "lesion_ml": round(float(mask.sum()) * voxel_ml, 3),
+        "lesion_voxels": n_mask,
+        "lesion_ml": round(n_mask * voxel_ml, 3),
         "hypoperfused_ml": round(float(hypo.sum()) * voxel_ml, 3),
         "core_ml": round(float(core.sum()) * voxel_ml, 3),
-        "lesion_in_slab_fraction": round(float(mask[lo:lo + n_slab].sum()) / max(1, int(mask.sum())), 3),
-        "slab": [lo, lo + n_slab],
+        "lesion_in_slab_fraction": round(float(mask[zs].sum()) / max(1, n_mask), 3),
+        "slab": [lo, hi],
         "hemisphere": "left" if side > 0 else "right",
         "distractor": bool(distract.any()),
     }
