@@ -8,6 +8,10 @@ HELP = "predict lesion masks (+ probability, uncertainty, overlays) for cases wi
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = ("Model, respacing and preprocessing come from the checkpoint. Threshold: the run's calibration.json "
+                "when present (set inference.use_calibrated_threshold=false to use inference.threshold). Raw data is "
+                "prepared into OUT/_cache. Writes <case>.nii.gz (mask), <case>_prob.nii.gz, "
+                "<case>_uncertainty.nii.gz, <case>_overlay.png, predictions.csv, predict.json.")
     p.add_argument("--checkpoint", required=True, help="a checkpoints/*.pt file or a run directory (its best.pt)")
     p.add_argument("--data", required=True, action="append", metavar="PATH",
                    help="raw dataset root, a case folder, or a prepared cache; repeat for more case folders")
