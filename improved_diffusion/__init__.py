@@ -19,7 +19,14 @@ What we changed with respect to upstream:
 * ``progress=True`` shows a tqdm bar; sampling loops do no ``.item()``/``.cpu()`` host syncs;
 * ``LossSecondMomentResampler`` uses plain ``int`` (no ``np.int``) and needs no process group;
 * ``nn.checkpoint`` uses ``torch.utils.checkpoint`` (``use_reentrant=False``), ``update_ema``
-  uses ``torch._foreach_lerp_``, ``normalization`` accepts a maximum group count.
+  uses ``torch._foreach_lerp_``, ``normalization`` accepts a maximum group count;
+* ``unet``: SDPA attention (same head layout), guided-diffusion's fixes for
+  ``Downsample(use_conv=False)`` and the output-convolution width, optional depth resampling in
+  3-D, no fp16 helpers (use autocast), no ``SuperResModel``;
+* DDIM with ``eta == 0`` draws no random numbers (identical samples, untouched RNG).
+
+Modules: ``nn``, ``losses``, ``gaussian_diffusion``, ``respace``, ``resample``, ``script_util``,
+``unet`` (each file repeats its provenance and changes in its header).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Provenance: API of ``improved_diffusion/script_util.py`` in ``openai/improved-diffusion@1bc7bbb``
 (MIT, Copyright (c) 2021 OpenAI; see ``improved_diffusion/LICENSE``). Written anew.
 
-Local changes: only the diffusion half (``diffusion_defaults``, ``create_gaussian_diffusion``) and
-the argparse helpers; networks are built by :mod:`medsegdiff.nets`.
+Local changes: no super-resolution helpers; ``create_model`` raises ``ValueError`` for image sizes
+without a channel-multiplier preset (upstream: 256, 64, 32) unless ``channel_mult`` is given. The
+MedSegDiff networks themselves are built by :mod:`medsegdiff.nets`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,20 @@ from improved_diffusion import gaussian_diffusion as gd
 from improved_diffusion.respace import SpacedDiffusion, space_timesteps
 
 __all__ = [
+    "NUM_CLASSES",
     "add_dict_to_argparser",
     "args_to_dict",
     "create_gaussian_diffusion",
+    "create_model",
+    "create_model_and_diffusion",
     "diffusion_defaults",
+    "model_and_diffusion_defaults",
     "str2bool",
 ]
+
+NUM_CLASSES = 1000
+
+_CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
 
 
 def diffusion_defaults() -> dict[str, Any]:
@@ -42,6 +51,105 @@ def diffusion_defaults() -> dict[str, Any]:
         "rescale_timesteps": True,
         "rescale_learned_sigmas": True,
     }
+
+
+def model_and_diffusion_defaults() -> dict[str, Any]:
+    """Upstream defaults of the UNet and diffusion settings (64x64 images)."""
+    return {
+        "image_size": 64,
+        "num_channels": 128,
+        "num_res_blocks": 2,
+        "num_heads": 4,
+        "num_heads_upsample": -1,
+        "attention_resolutions": "16,8",
+        "dropout": 0.0,
+        "class_cond": False,
+        "use_checkpoint": False,
+        "use_scale_shift_norm": True,
+        **diffusion_defaults(),
+    }
+
+
+def create_model(
+    image_size: int,
+    num_channels: int,
+    num_res_blocks: int,
+    learn_sigma: bool,
+    class_cond: bool,
+    use_checkpoint: bool,
+    attention_resolutions: str,
+    num_heads: int,
+    num_heads_upsample: int,
+    use_scale_shift_norm: bool,
+    dropout: float,
+    channel_mult: tuple[int, ...] | None = None,
+    in_channels: int = 3,
+) -> Any:
+    """An RGB :class:`~improved_diffusion.unet.UNetModel` for ``image_size`` images.
+
+    ``attention_resolutions`` lists feature-map sizes (``"16,8"``) that get attention.
+
+    Raises:
+        ValueError: no channel-multiplier preset for ``image_size`` and none given.
+    """
+    from improved_diffusion.unet import UNetModel
+
+    if channel_mult is None:
+        if image_size not in _CHANNEL_MULT:
+            raise ValueError(
+                f"unsupported image size: {image_size} (presets: {sorted(_CHANNEL_MULT)}); pass channel_mult"
+            )
+        channel_mult = _CHANNEL_MULT[image_size]
+    attention_ds = [image_size // int(res) for res in attention_resolutions.split(",") if res.strip()]
+    return UNetModel(
+        in_channels=in_channels,
+        model_channels=num_channels,
+        out_channels=in_channels * (2 if learn_sigma else 1),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=tuple(attention_ds),
+        dropout=dropout,
+        channel_mult=channel_mult,
+        num_classes=NUM_CLASSES if class_cond else None,
+        use_checkpoint=use_checkpoint,
+        num_heads=num_heads,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+    )
+
+
+def create_model_and_diffusion(
+    image_size: int,
+    class_cond: bool,
+    learn_sigma: bool,
+    sigma_small: bool,
+    num_channels: int,
+    num_res_blocks: int,
+    num_heads: int,
+    num_heads_upsample: int,
+    attention_resolutions: str,
+    dropout: float,
+    diffusion_steps: int,
+    noise_schedule: str,
+    timestep_respacing: str,
+    use_kl: bool,
+    predict_xstart: bool,
+    rescale_timesteps: bool,
+    rescale_learned_sigmas: bool,
+    use_checkpoint: bool,
+    use_scale_shift_norm: bool,
+) -> tuple[Any, SpacedDiffusion]:
+    """``(model, diffusion)`` from the flat settings of :func:`model_and_diffusion_defaults`."""
+    model = create_model(
+        image_size, num_channels, num_res_blocks, learn_sigma=learn_sigma, class_cond=class_cond,
+        use_checkpoint=use_checkpoint, attention_resolutions=attention_resolutions, num_heads=num_heads,
+        num_heads_upsample=num_heads_upsample, use_scale_shift_norm=use_scale_shift_norm, dropout=dropout,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps, learn_sigma=learn_sigma, sigma_small=sigma_small, noise_schedule=noise_schedule,
+        use_kl=use_kl, predict_xstart=predict_xstart, rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas, timestep_respacing=timestep_respacing,
+    )
+    return model, diffusion
 
 
 def create_gaussian_diffusion(
