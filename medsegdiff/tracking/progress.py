@@ -25,10 +25,12 @@ class ProgressTracker:
         self.inner = inner
         self.bar = tqdm(total=total, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
         self._post: dict[str, str] = {}
+        self.step = 0
 
     def _advance(self, metrics: Mapping[str, Any], step: int) -> None:
-        if step > self.bar.n:
-            self.bar.update(min(step, self.bar.total or step) - self.bar.n)
+        if step > self.step:
+            self.bar.update(step - self.step)
+            self.step = step
         for key in SHOWN:
             if key in metrics:
                 try:

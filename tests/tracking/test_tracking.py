@@ -188,7 +188,7 @@ def test_progress_tracker_advances_to_the_logged_step_and_forwards(tmp_path):
     bar.log({"train/loss": 0.5}, step=20)
     bar.log({"val/dice": 0.25}, step=20)
     bar.log({"train/loss": 0.25}, step=40)
-    assert bar.bar.n == 40
+    assert bar.step == 40
     bar.close()
     inner.log({"after": 1}, step=41)  # closing the bar leaves the tracker open
     inner.finish()
