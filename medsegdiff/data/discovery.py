@@ -57,7 +57,8 @@ class CaseFiles:
         ncct: native NCCT (the reference grid), or None if absent.
         images: requested modality -> file (NCCT included when requested); absent ones are left out.
         mask: lesion mask, or None if absent.
-        extra: other files found (``baseline``/``outcome`` phenotype tables, ``stray_mask``, ...).
+        extra: other files found: unrequested modalities on the NCCT grid (e.g. ``tmax`` for the
+            official baseline), ``baseline``/``outcome`` phenotype tables, ``stray_mask``.
         missing: requested modalities without a file (and ``"mask"`` when a mask is required).
         problems: this case's discovery problem lines (missing files, ignored duplicates).
     """
@@ -264,6 +265,11 @@ def _case_from_dataset(sid: str, folders: dict[str, Path], layout: str, modaliti
             problems.append(Problem(sid, "missing_modality", _missing_line(sid, m, folders, layout)))
         else:
             case.images[m] = path
+    for m in MODALITY_NAMES:  # unrequested modalities on the NCCT grid (e.g. Tmax for the baseline)
+        if m not in modalities and m != "ncct":
+            path = _choose(_classify(der, m, space_only=True), sid, m, problems)
+            if path is not None:
+                case.extra[m] = path
     # the lesion mask lives in the follow-up session (ses-02); accept any session
     mask_files = _classify(der, MASK, space_only=False)
     stray = [p for p in mask_files if p.name.endswith(".nii") and p.with_name(p.name + ".gz") in mask_files]
@@ -356,6 +362,11 @@ def discover_case_folder(folder: str | os.PathLike[str], modalities: Sequence[st
                                     f"case {case_id}: missing modality {m} (no *_{m}.nii.gz under {folder})"))
         else:
             case.images[m] = path
+    for m in MODALITY_NAMES:
+        if m not in modalities and m != "ncct":
+            path = _choose(_classify(files, m, space_only=False), case_id, m, problems)
+            if path is not None:
+                case.extra[m] = path
     masks = _classify(files, MASK, space_only=False)
     case.mask = _choose(masks, case_id, MASK, problems)
     if case.mask is None and require_mask:

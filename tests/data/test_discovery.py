@@ -41,6 +41,8 @@ def test_zenodo_layout(synth_root: Path, synth_manifest: dict) -> None:
 def test_stray_uncompressed_mask_is_deduplicated(synth_root: Path) -> None:
     res = discover_cases(synth_root, ["cbf"])
     case = res.cases[0]
+    # unrequested modalities are still listed (e.g. Tmax for the official baseline)
+    assert case.extra["tmax"].name == f"{case.case_id}_ses-01_space-ncct_tmax.nii.gz" and "cbf" not in case.extra
     assert case.mask.name.endswith("_lesion-msk.nii.gz")
     assert case.extra["stray_mask"] == case.mask.with_name(case.mask.name[:-3])
     dup = [p for p in res.problems if p.kind == "duplicate"]
