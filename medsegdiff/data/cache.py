@@ -172,6 +172,7 @@ class Manifest:
         self.data = dict(data)
         self._records = {str(r["case_id"]): r for r in self.data.get("cases", [])}
         self._cases: dict[str, CachedCase] = {}
+        self.last_run: dict[str, Any] = {}  # set by prepare_dataset: what this call prepared / reused
 
     @classmethod
     def open(cls, cache_dir: str | os.PathLike[str], *, expected_hash: str | None = None,
