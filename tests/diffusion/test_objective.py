@@ -171,3 +171,13 @@ def test_mask_shape_checked(stubs):
     batch["mask"] = batch["mask"][:, 0]
     with pytest.raises(ValueError, match=r"batch\['mask'\] \(2, 8, 8\) must be \(B, 1, \*S\)"):
         obj(stubs["diffusion"](), batch, step=0)
+
+
+def test_bf16_autocast_gives_float32_loss(stubs):
+    cfg, diffusion, obj = setup(stubs, diffusion={"steps": 100, "learn_sigma": True})
+    model = stubs["diffusion"](out_ch=2, anchor=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = obj(model, stubs["batch"](), step=0)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert torch.isfinite(model.net.weight.grad).all()
