@@ -167,25 +167,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "network_calls_per_volume_fast": steps * _calls_per_step(z, args.members, args.batch_size),
     }
     with torch_threads(args.threads or None):
-        variants = [("fp32", "fp32", False)]
+        variants = [("fp32", "fp32", False, False)]
         if device.type == "cuda":
-            variants.append(("bf16", "bf16", False))
+            variants += [("bf16", "bf16", False, False), ("bf16_channels_last", "bf16", False, True)]
             if not args.no_compile:
-                variants.append(("bf16_compiled", "bf16", True))
+                variants.append(("bf16_channels_last_compiled", "bf16", True, True))
         flops = _count_flops(model, images, args.members, args.batch_size, "fp32")
         total_flops = flops["step_per_pair"] * pairs * steps + flops["encode_per_slice"] * z
         result["gflop_per_volume"] = round(total_flops / 1e9, 3)
+        result["gflop_per_network_call_per_pair"] = round(flops["step_per_pair"] / 1e9, 4)
         peaks = _peak(result["device"]) if device.type == "cuda" else None
         fast: dict[str, Any] = {}
-        for name, precision, compiled in variants:
-            net = torch.compile(model, dynamic=False, mode=args.compile_mode) if compiled else model
+        for name, precision, compiled, channels_last in variants:
+            net = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            net = torch.compile(net, dynamic=False, mode=args.compile_mode) if compiled else net
             seconds, peak_mb = _time_fast(net, diffusion, images, args.members, args.batch_size, precision, warm)
-            entry = {"seconds_per_volume": round(seconds, 4), "peak_memory_mb": None if peak_mb is None else round(peak_mb, 1),
+            entry = {"seconds_per_volume": round(seconds, 4),
+                     "peak_memory_mb": None if peak_mb is None else round(peak_mb, 1),
                      "tflops_achieved": round(total_flops / seconds / 1e12, 4)}
             if peaks is not None:
                 entry["fraction_of_peak"] = round(total_flops / seconds / (peaks[precision] * 1e12), 4)
                 entry["peak_tflops"] = peaks[precision]
             fast[name] = entry
+        model = model.to(memory_format=torch.contiguous_format)
         result["fast"] = fast
         if not args.no_naive:
             from medsegdiff.inference.sampler import sample_probabilities

@@ -31,7 +31,7 @@ from medsegdiff.errors import CheckpointError, ConfigError, DataError
 
 #: Keys that may be overridden at prediction time (everything else comes from the checkpoint).
 OVERRIDABLE = ("inference.", "diffusion.respacing", "diffusion.sampler", "diffusion.eta",
-               "diffusion.clip_denoised", "device", "seed")
+               "diffusion.clip_denoised", "model.compile", "model.channels_last", "device", "seed")
 CACHE_SUBDIR = "_cache"
 
 
@@ -52,8 +52,9 @@ def _check_overrides(overrides: Iterable[str]) -> list[str]:
         key = ".".join(parts)
         if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in OVERRIDABLE):
             raise ConfigError(
-                f"override {text!r}: only inference.*, diffusion.respacing/sampler/eta/clip_denoised, device and "
-                "seed can be changed at prediction; the model and preprocessing come from the checkpoint"
+                f"override {text!r}: only inference.*, diffusion.respacing/sampler/eta/clip_denoised, "
+                "model.compile/channels_last, device and seed can be changed at prediction; the model and "
+                "preprocessing come from the checkpoint"
             )
         out.append(text)
     return out
@@ -233,6 +234,16 @@ class Predictor:
             model.load_state_dict(ckpt["model"])
         self.device = resolve_device(cfg.device if "device" in override_keys else "auto")
         model.to(self.device).eval()
+        if cfg.model.channels_last and self.device.type == "cuda":
+            import torch
+
+            fmt = torch.channels_last_3d if cfg.data.dims == 3 else torch.channels_last
+            model = model.to(memory_format=fmt)
+        if cfg.model.compile:
+            import torch
+
+            model = torch.compile(model)  # forward only; encode_image runs eagerly once per slice
+        self.model = model
         precision = inf.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
