@@ -206,3 +206,16 @@ def test_signal_baseline_mediocre_cbf_rule_better(synth_root: Path, synth_manife
     assert 0.25 <= float(np.mean(base)) <= 0.5, base
     assert float(np.mean(oracle)) >= float(np.mean(base)) + 0.2, (base, oracle)
     assert float(np.mean(oracle)) < 0.95  # not trivially perfect (infarct growth, noise, slab)
+
+
+def test_optional_ctp_is_4d_on_the_ncct_grid(tmp_path: Path) -> None:
+    from medsegdiff.config.data import DataConfig
+    from medsegdiff.data.discovery import discover_cases
+    from medsegdiff.data.loading import load_case
+
+    generate_dataset(tmp_path / "ctp", cases=1, seed=2, shape=(12, 14, 8), ctp=True)
+    case = discover_cases(tmp_path / "ctp", ["ctp", "tmax"]).cases[0]
+    img = sitk.ReadImage(str(case.images["ctp"]))
+    assert img.GetDimension() == 4 and img.GetSize() == (12, 14, 8, 32)
+    loaded = load_case(case, DataConfig(modalities=["ctp", "tmax"]))
+    assert loaded.images["ctp"].shape == (32, 8, 14, 12) and loaded.images["tmax"].shape == (8, 14, 12)
