@@ -21,6 +21,11 @@ Ties in IoU are broken like panoptica (stable sort over pairs in ascending (pred
 labels come from ``scipy.ndimage.label`` (raster order) rather than cc3d, so in the rare case of
 exactly tied IoUs competing for one component the chosen pair can differ from the official code.
 
+Cross-checked against the official stack (panoptica 2.1.7 + cc3d 4.1.1, the official
+``compute_dice_f1_instance_difference`` with ``matching_threshold`` 0.5 / 0.2 / 0.1): identical Dice,
+count difference and F1 on 720 random 2-D and 3-D cases and on a full-size 74 x 586 x 512 volume
+with about 400 components per mask (where this implementation is 4-6x faster).
+
 Inputs are binarised with ``astype(bool)`` (non-zero = foreground), as the official code does;
 threshold probability maps before calling these functions.
 
