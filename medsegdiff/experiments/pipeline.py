@@ -260,7 +260,7 @@ def stage_evaluate(cfg: ExperimentConfig, rd: RunDir, *, progress: bool = True) 
     say(f"[evaluate] model predictions in {rd.predictions}")
     model = evaluate(rd.predictions, gt, rd.evaluation, **kw)
     say(f"[evaluate] Tmax > {ev.tmax_threshold:g} s baseline on the same {len(cases)} cases")
-    tmax_baseline(Path(cfg.data.cache_dir), rd.baseline_predictions, threshold=ev.tmax_threshold, cases=cases)
+    tmax_baseline(gt, rd.baseline_predictions, threshold=ev.tmax_threshold, cases=cases, progress=progress)
     base = evaluate(rd.baseline_predictions, gt, rd.baseline_evaluation, **kw)
     results = {
         "cases": cases,
