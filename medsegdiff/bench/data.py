@@ -68,6 +68,8 @@ def _naive_slice(case: Any, z: int, cfg: Any, size: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
     from medsegdiff.config.data import DataConfig
     from medsegdiff.data.cache import Manifest
     from medsegdiff.data.datasets import LesionOversamplingSampler, SliceDataset
@@ -75,6 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from medsegdiff.data.preprocess import cache_settings, prepare_case, prepare_dataset, settings_hash
     from medsegdiff.data.synthetic import generate_dataset
 
+    torch.set_num_threads(1)  # one DataLoader worker's view: per-process slice throughput
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="medsegdiff-bench-data-"))
     data_root, cache_dir = work / "data", work / "cache"
     shape = "full" if args.full else "tiny"

@@ -138,6 +138,11 @@ class CachedCase:
         return dict(self.record["lesion"])
 
     @property
+    def has_mask(self) -> bool:
+        """False for prediction inputs prepared without a reference mask (``mask.npy`` is then all 0)."""
+        return bool(self.record.get("has_mask", True))
+
+    @property
     def has_tmax(self) -> bool:
         return bool(self.record.get("has_tmax", False))
 

@@ -3,8 +3,8 @@
 Per case (one worker process each, modality by modality so that at most one native float32
 volume is alive at a time):
 
-1. Load and check the case (:func:`medsegdiff.data.loading.load_case`: every channel on the NCCT
-   grid, mask binarised).
+1. Load and check the case one modality at a time (:func:`medsegdiff.data.loading.load_case` on a
+   one-modality view of the case: every channel checked against the NCCT grid, mask binarised).
 2. Lesion statistics on the native grid: voxels, mL, connected components (26-connectivity).
 3. Each modality: non-finite values -> 0, clip to ``data.windows[m]`` and scale to [0, 1]
    (published winning preprocessing, KurtLab ISLES'24: CBF 0-35, CBV 0-10, MTT 0-20, Tmax 0-7,
@@ -349,12 +349,11 @@ def preprocess_case(case: Any, data_cfg: DataConfig) -> tuple[dict[str, Any], di
     missing = [m for m in data_cfg.modalities if m not in case.images]
     if missing:
         raise DataError(f"case {cid}: missing modality {', '.join(missing)} (no file found)")
-    if case.mask is None:
-        raise DataError(f"case {cid}: no lesion mask file; training cases need one")
     size = int(data_cfg.image_size)
     modalities = list(data_cfg.modalities)
     nonfinite: dict[str, int] = {}
     notes: list[str] = []
+    has_mask = True
 
     # The brain mask from NCCT needs raw HU: load NCCT first (even when it is not a model input).
     ncct_first = data_cfg.brain_mask and data_cfg.brain_mask_source in ("auto", "ncct") and (
@@ -384,7 +383,8 @@ def preprocess_case(case: Any, data_cfg: DataConfig) -> tuple[dict[str, Any], di
             target = cache_geometry(native, size)
             channels = np.zeros((len(modalities), int(native.size[2]), size, size), dtype=np.float32)
         if native_mask is None:
-            native_mask = np.ascontiguousarray(loaded.mask, dtype=np.uint8)
+            has_mask = loaded.mask is not None  # False only for prediction inputs (require_mask=False)
+            native_mask = np.ascontiguousarray(loaded.mask if has_mask else np.zeros(native.shape_zyx), dtype=np.uint8)
             lesion = lesion_statistics(native_mask, native.voxel_volume_ml)
             cache_mask = resample_inplane(native_mask, native, target, mode=data_cfg.mask_resample)
         vol = loaded.images.pop(m)
@@ -425,11 +425,13 @@ def preprocess_case(case: Any, data_cfg: DataConfig) -> tuple[dict[str, Any], di
         "lesion_slices": [int(z) for z in lesion_slices],
         "cache_lesion_voxels": int(np.count_nonzero(cache_mask)),
         "has_tmax": tmax_native is not None,
+        "has_mask": has_mask,
         "nonfinite": _jsonable(nonfinite),
         "notes": notes,
     }
-    arrays = {"image": channels.astype(np.float16), "mask": cache_mask.astype(np.uint8),
-              "native_mask": native_mask}
+    arrays = {"image": channels.astype(np.float16), "mask": cache_mask.astype(np.uint8)}
+    if has_mask:
+        arrays["native_mask"] = native_mask
     if tmax_native is not None:
         arrays["tmax"] = tmax_native
     return record, arrays
@@ -453,7 +455,9 @@ def write_case(case_dir: Path, record: dict[str, Any], arrays: Mapping[str, np.n
     case_dir.mkdir(parents=True, exist_ok=True)
     _save_npy(case_dir / IMAGE, arrays["image"])
     _save_npy(case_dir / MASK, arrays["mask"])
-    native = {"mask": arrays["native_mask"]}
+    native = {}
+    if "native_mask" in arrays:
+        native["mask"] = arrays["native_mask"]
     if "tmax" in arrays:
         native["tmax"] = arrays["tmax"]
     _save_npz(case_dir / NATIVE, **native)
@@ -490,17 +494,21 @@ def _case_id(case: Any) -> str:
 # The whole dataset
 
 
-def _discover(data_root: Path, data_cfg: DataConfig) -> tuple[list[Any], list[dict[str, str]], list[str]]:
+def _discover(data_root: Path, data_cfg: DataConfig, require_mask: bool = True
+              ) -> tuple[list[Any], list[dict[str, str]], list[str]]:
     """Complete cases, skipped incomplete ones (or DataError with ``missing_modality: fail``), problems."""
     from medsegdiff.data.discovery import discover_cases
 
-    result = discover_cases(data_root, data_cfg.modalities, layout=data_cfg.layout)
+    result = discover_cases(data_root, data_cfg.modalities, layout=data_cfg.layout, require_mask=require_mask)
     cases, skipped = [], []
     for case in result.cases:
         if case.missing:
-            if data_cfg.missing_modality == "fail":
+            if any(m != "mask" for m in case.missing) and data_cfg.missing_modality == "fail":
                 raise DataError(f"{data_root}: {case.missing_message()} (data.missing_modality=fail; set it to "
                                 "skip_case to leave such cases out)")
+            if case.missing == ["mask"] and data_cfg.on_error == "fail":
+                raise DataError(f"{data_root}: {case.missing_message()} (data.on_error=fail; set it to skip to "
+                                "leave such cases out)")
             skipped.append({"case_id": case.case_id, "reason": case.missing_message()})
         else:
             cases.append(case)
@@ -509,7 +517,7 @@ def _discover(data_root: Path, data_cfg: DataConfig) -> tuple[list[Any], list[di
 
 
 def prepare_dataset(data_root: str | os.PathLike[str], cache_dir: str | os.PathLike[str], data_cfg: DataConfig, *,
-                    workers: int | None = None, progress: bool = True) -> Manifest:
+                    workers: int | None = None, progress: bool = True, require_mask: bool = True) -> Manifest:
     """Preprocess every case of ``data_root`` into ``cache_dir`` (see the module docstring).
 
     Reuses an up-to-date cache (cases whose ``done`` marker has the current settings hash and data
@@ -521,6 +529,8 @@ def prepare_dataset(data_root: str | os.PathLike[str], cache_dir: str | os.PathL
         data_cfg: the ``data`` section (modalities, windows, image size, ...).
         workers: worker processes; None = ``data.prepare_workers``; 1 = in this process.
         progress: show a tqdm bar.
+        require_mask: skip cases without a lesion mask (training). With False (prediction) such cases
+            are cached with ``has_mask: false``, an all-zero ``mask.npy`` and no native mask.
 
     Returns:
         The opened :class:`~medsegdiff.data.cache.Manifest`; its ``last_run`` attribute holds this
@@ -539,7 +549,7 @@ def prepare_dataset(data_root: str | os.PathLike[str], cache_dir: str | os.PathL
     settings = cache_settings(data_cfg)
     digest = settings_hash(settings)
     source = str(data_root.resolve())
-    cases, skipped, problems = _discover(data_root, data_cfg)
+    cases, skipped, problems = _discover(data_root, data_cfg, require_mask)
     cache_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = cache_dir / MANIFEST
     old = read_manifest_json(manifest_path)

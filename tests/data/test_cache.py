@@ -189,3 +189,20 @@ def test_prepare_command(synth_root, tmp_path, capsys):
     assert Manifest.open(out).case(Manifest.open(out).case_ids[0]).image.shape[-1] == 12
     assert main(["prepare", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert "data root not found" in capsys.readouterr().err
+
+
+def test_cases_without_mask_for_prediction(synth_root, copy_dataset, tmp_path):
+    root = copy_dataset(synth_root)
+    cases = discover_cases(root, MODS).by_id()
+    victim = sorted(c for c in cases if not cases[c].missing)[1]  # [0] has a stray second mask file
+    cases[victim].mask.unlink()
+    training = prepare_dataset(root, tmp_path / "train", _cfg(), workers=1, progress=False)
+    assert victim not in training.case_ids
+    assert any(s["case_id"] == victim and "mask" in s["reason"] for s in training.skipped)
+    pred = prepare_dataset(root, tmp_path / "pred", _cfg(), workers=1, progress=False, require_mask=False)
+    case = pred.case(victim)
+    assert not case.has_mask and int(np.asarray(case.mask).sum()) == 0
+    assert case.native_tmax() is not None
+    with pytest.raises(DataError, match=r"no native mask"):
+        case.native_mask()
+    assert all(pred.case(c).has_mask for c in pred.case_ids if c != victim)
