@@ -155,13 +155,26 @@ class LossSecondMomentResampler(LossAwareSampler):
         return bool((self._loss_counts == self.history_per_term).all())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss_history": self._loss_history.copy(), "loss_counts": self._loss_counts.copy()}
+        """Loss history as CPU tensors (loadable with ``torch.load(weights_only=True)``)."""
+        return {
+            "loss_history": torch.from_numpy(self._loss_history.copy()),
+            "loss_counts": torch.from_numpy(self._loss_counts.astype(np.int64)),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        history = np.asarray(state["loss_history"], dtype=np.float64)
+        """Restore :meth:`state_dict` (tensors or arrays).
+
+        Raises:
+            ValueError: the history was saved for a different number of steps or history length.
+        """
+
+        def as_numpy(v: Any) -> np.ndarray:
+            return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+
+        history = as_numpy(state["loss_history"]).astype(np.float64)
         if history.shape != self._loss_history.shape:
             raise ValueError(
                 f"loss history shape {history.shape} does not match this sampler {self._loss_history.shape}"
             )
         self._loss_history = history.copy()
-        self._loss_counts = np.asarray(state["loss_counts"], dtype=int).copy()
+        self._loss_counts = as_numpy(state["loss_counts"]).astype(int).copy()

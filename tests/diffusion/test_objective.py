@@ -181,3 +181,13 @@ def test_bf16_autocast_gives_float32_loss(stubs):
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     out.loss.backward()
     assert torch.isfinite(model.net.weight.grad).all()
+
+
+def test_objective_state_loads_with_weights_only(stubs, tmp_path):
+    cfg, diffusion, obj = setup(stubs, diffusion={"steps": 30, "schedule_sampler": "loss-second-moment"})
+    obj(stubs["diffusion"](), stubs["batch"](), step=0)
+    torch.save(obj.state_dict(), tmp_path / "o.pt")
+    state = torch.load(tmp_path / "o.pt", weights_only=True)
+    cfg2, diffusion2, obj2 = setup(stubs, diffusion={"steps": 30, "schedule_sampler": "loss-second-moment"})
+    obj2.load_state_dict(state)
+    assert obj2.schedule_sampler._loss_counts.sum() == 2
