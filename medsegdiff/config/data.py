@@ -87,7 +87,7 @@ class DataConfig:
     context_slices: int = option(0, ge=0, doc="neighbouring slices on each side as extra channels (2.5D)")
     dims: Literal[2, 3] = option(2, doc="2 = slice dataset, 3 = patch dataset")
     patch_size: list[int] = option([16, 64, 64], doc="3D patch (D, H, W) when dims == 3")
-    lesion_oversample: float = option(0.5, ge=0.0, le=1.0, doc="fraction of training samples drawn from lesion slices")
+    lesion_oversample: float = option(0.5, ge=0.0, le=1.0, doc="fraction of training samples drawn from lesion slices (rest: slices without lesion); 0 = off, uniform over all slices")
     samples_per_epoch: int = option(0, ge=0, doc="training samples per epoch; 0 = number of slices")
     num_workers: int = option(0, ge=0, doc="DataLoader workers")
     prepare_workers: int = option(2, ge=1, doc="worker processes for `prepare`")

@@ -237,7 +237,8 @@ class LesionOversamplingSampler(Sampler):
 
     Each sample is a Bernoulli(``rate``) choice of pool; inside a pool the indices follow random
     permutations of the pool (repeated as needed), so every slice of a pool is visited before any
-    repeats. The draw of epoch ``e`` is a pure function of ``(seed, e)``: the global sequence of
+    repeats. ``rate == 0`` switches oversampling off: uniform over all slices (lesion or not). The
+    draw of epoch ``e`` is a pure function of ``(seed, e)``: the global sequence of
     ``ceil(num_samples / world_size) * world_size`` samples is dealt round-robin, rank ``r`` taking
     positions ``r, r + world_size, ...`` (disjoint shares). Each sample carries its own 32-bit
     ``sample_seed`` for augmentation. If one pool is empty, all samples come from the other.
@@ -252,7 +253,7 @@ class LesionOversamplingSampler(Sampler):
 
     Args:
         lesion_flags: bool per dataset index (``SliceDataset.lesion_flags``).
-        rate: fraction of samples from lesion slices, in [0, 1].
+        rate: fraction of samples from lesion slices, in [0, 1]; 0 = off (uniform over all slices).
         num_samples: samples per epoch over all ranks; 0 = ``len(lesion_flags)``.
         seed: base seed.
         rank: this process's rank.
@@ -302,6 +303,11 @@ class LesionOversamplingSampler(Sampler):
         """This rank's ``(indices, sample_seeds)`` of ``epoch`` (int64 arrays of length ``len(self)``)."""
         total = len(self) * self.world_size
         rng = np.random.default_rng(np.random.SeedSequence([self.seed % 2**63, epoch if self.shuffle else 0]))
+        if self.rate == 0.0:  # oversampling off: uniform over all slices
+            pool = np.arange(self.lesion_pool.size + self.other_pool.size)
+            indices = self._cycle(pool, total, rng)
+            seeds = rng.integers(0, 2**32, size=total, dtype=np.int64)
+            return indices[self.rank::self.world_size], seeds[self.rank::self.world_size]
         if self.lesion_pool.size and self.other_pool.size:
             from_lesion = rng.random(total) < self.rate
         else:

@@ -170,6 +170,13 @@ def test_sampler_ranks_get_disjoint_shares_of_the_global_draw():
     assert len(set(seeds)) == 12
 
 
+def test_rate_zero_switches_oversampling_off():
+    flags = np.zeros(40, dtype=bool)
+    flags[:4] = True
+    drawn = [i for i, _ in LesionOversamplingSampler(flags, rate=0.0, num_samples=40, seed=1)]
+    assert sorted(drawn) == list(range(40))  # one permutation of every slice, lesion slices included
+
+
 def test_sampler_edge_cases():
     only_lesion = np.ones(5, dtype=bool)
     assert all(only_lesion[i] for i, _ in LesionOversamplingSampler(only_lesion, rate=0.2, seed=0))
