@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,7 @@ def calibrate_checkpoint(
             table.append(calibrate_threshold(masks, gts, vvs, [thr])[1][0])
         best = pick_best(table)
     path = save_calibration(run_dir, best, table, combine=method, cases=ids, checkpoint=str(ckpt_path),
-                            respacing=pred.respacing, members=pred.members_per_case)
+                            step=pred.ckpt.get("step"), respacing=pred.respacing, members=pred.members_per_case)
     return best, table, path
 
 
@@ -158,7 +159,8 @@ def find_calibration(checkpoint: str | os.PathLike[str], ckpt: dict[str, Any] | 
 
     Looks in ``calibration.json`` next to the checkpoint, then in the run directory
     (``<run>/checkpoints/x.pt`` -> ``<run>/calibration.json``), then in the checkpoint's own
-    ``calibration`` entry (a float or ``{"threshold": float}``).
+    ``calibration`` entry (a float or ``{"threshold": float}``). A file that records another
+    training ``step`` than the checkpoint's is ignored with a warning (stale calibration).
 
     Raises:
         CheckpointError: a ``calibration.json`` that cannot be read or has no valid threshold.
@@ -171,13 +173,19 @@ def find_calibration(checkpoint: str | os.PathLike[str], ckpt: dict[str, Any] | 
     for cand in cands:
         if cand.is_file():
             try:
-                thr = float(json.loads(cand.read_text(encoding="utf-8"))["threshold"])
+                data = json.loads(cand.read_text(encoding="utf-8"))
+                thr = float(data["threshold"])
             except (OSError, ValueError, KeyError, TypeError) as err:
                 raise CheckpointError(
                     f"{cand}: unreadable calibration file ({err}); delete it or rerun calibration"
                 ) from None
             if not 0.0 < thr < 1.0:
                 raise CheckpointError(f"{cand}: threshold {thr} is not in (0, 1); delete it or rerun calibration")
+            step, ckpt_step = data.get("step"), (ckpt or {}).get("step")
+            if step is not None and ckpt_step is not None and int(step) != int(ckpt_step):
+                warnings.warn(f"{cand}: calibrated for step {step} but the checkpoint is step {ckpt_step}; "
+                              "ignoring it (rerun calibration)", stacklevel=2)
+                continue
             return thr, str(cand)
     entry = (ckpt or {}).get("calibration")
     if isinstance(entry, dict):

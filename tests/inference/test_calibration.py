@@ -55,3 +55,13 @@ def test_save_and_find_calibration(tmp_path):
     path.write_text("{not json")
     with pytest.raises(CheckpointError, match="unreadable calibration file"):
         find_calibration(ckpt, {})
+
+
+def test_stale_calibration_is_ignored_with_a_warning(tmp_path):
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "best.pt"
+    ckpt.parent.mkdir(parents=True)
+    save_calibration(run, 0.35, [], step=100)
+    assert find_calibration(ckpt, {"step": 100}) == (0.35, str(run / "calibration.json"))
+    with pytest.warns(UserWarning, match="calibrated for step 100 but the checkpoint is step 200"):
+        assert find_calibration(ckpt, {"step": 200}) is None
