@@ -38,7 +38,7 @@ class DiffusionConfig:
                 "below 1); or set diffusion.noise_schedule=cosine",
             )
         if self.respacing:
-            from improved_diffusion.respace import space_timesteps
+            from improved_diffusion._spacing import space_timesteps
 
             try:
                 space_timesteps(self.steps, self.respacing)

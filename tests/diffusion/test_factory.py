@@ -74,3 +74,15 @@ def test_config_validation():
         from_dict(DiffusionConfig, {"eta": 1.5}, prefix="diffusion")
     cfg = from_dict(DiffusionConfig, {"steps": 10, "noise_schedule": "cosine", "respacing": "5"}, prefix="diffusion")
     assert build_diffusion(cfg, cfg.respacing).num_timesteps == 5
+
+
+def test_config_validation_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from medsegdiff.config.base import from_dict; "
+            "from medsegdiff.config.diffusion import DiffusionConfig; "
+            "from_dict(DiffusionConfig, {'respacing': 'ddim50'}, prefix='diffusion'); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
