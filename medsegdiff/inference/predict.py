@@ -195,12 +195,7 @@ def _reference_mask(case: Any) -> np.ndarray | None:
 
 
 def _volume(manifest: Any, case_id: str, cfg: Any) -> Any:
-    """The model input of one case: ``(Z, C_in, H, W)`` (2-D) or ``(1, C, Z, H, W)`` (3-D)."""
-    import torch
-
-    if cfg.data.dims == 3:
-        case = manifest.case(case_id)
-        return torch.from_numpy(np.asarray(case.image, dtype=np.float32))[None]
+    """The 2-D model input of one case: ``(Z, C_in, H, W)`` (2.5-D context stacked as channels)."""
     from medsegdiff.data.datasets import SliceDataset
 
     return SliceDataset(manifest, [case_id], context_slices=cfg.data.context_slices).volume(case_id)
@@ -284,15 +279,20 @@ class Predictor:
         from medsegdiff.inference.sampler import sample_probabilities
 
         cfg = self.cfg
-        images = _volume(manifest, case_id, cfg).to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(_case_seed(cfg.seed, case_id))
-        probs = sample_probabilities(
-            self.model, self.diffusion, images, members=self.members_per_case, sampler=cfg.diffusion.sampler,
-            eta=cfg.diffusion.eta, batch_size=cfg.inference.batch_size, generator=gen, progress=progress,
-            precision=self.precision, clip_denoised=cfg.diffusion.clip_denoised, desc=case_id,
-        )
-        if cfg.data.dims == 3:  # (M, 1, Z, H, W) -> (M, Z, H, W)
-            probs = probs[:, 0]
+        kwargs = dict(members=self.members_per_case, sampler=cfg.diffusion.sampler, eta=cfg.diffusion.eta,
+                      batch_size=cfg.inference.batch_size, generator=gen, progress=progress,
+                      precision=self.precision, clip_denoised=cfg.diffusion.clip_denoised, desc=case_id)
+        if cfg.data.dims == 3:  # sliding 3-D patches, all sampled in one batched call, then stitched
+            from medsegdiff.inference.windows import extract_patches, stitch
+
+            volume = np.asarray(manifest.case(case_id).image, dtype=np.float32)  # (C, Z, H, W)
+            patches, starts, padded = extract_patches(volume, cfg.data.patch_size)
+            probs = sample_probabilities(self.model, self.diffusion, torch.from_numpy(patches).to(self.device),
+                                         **kwargs)  # (M, N, D, h, w)
+            return stitch(probs.float().cpu().numpy(), starts, padded, volume.shape[1:])
+        images = _volume(manifest, case_id, cfg).to(self.device)
+        probs = sample_probabilities(self.model, self.diffusion, images, **kwargs)
         return probs.float().cpu().numpy()
 
     def case(self, manifest: Any, case_id: str, *, progress: bool = False) -> dict[str, np.ndarray]:
