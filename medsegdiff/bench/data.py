@@ -2,7 +2,7 @@
 
 Generates synthetic ISLES24 cases in a temporary folder (``--full``: full size, 512 x 512-686 x
 34-89 voxels), preprocesses each case in a fresh spawned worker process (the worker's own
-``ru_maxrss`` is its peak memory; an idle worker with the same imports is the baseline), then reads
+peak RSS (VmHWM) is its peak memory; an idle worker with the same imports is the baseline), then reads
 training slices (i) from the memory-mapped cache through :class:`SliceDataset` and (ii) the naive
 way, re-reading every NIfTI file of the case for each slice (as the original MedSegDiff loader does),
 in the same run.
@@ -103,13 +103,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 g = out["record"]["native_geometry"]["size"]
                 shape_zyx = [int(g[2]), int(g[1]), int(g[0])]
             per_case.append({"case_id": case.case_id, "status": out["status"], "native_zyx": shape_zyx,
-                             "seconds": round(out["seconds"], 3), "peak_rss_mb": round(out["peak_rss_mb"], 1),
+                             "seconds": round(out["seconds"], 3), "cpu_seconds": round(out["cpu_seconds"], 3),
+                             "peak_rss_mb": round(out["peak_rss_mb"], 1),
                              "peak_rss_above_idle_mb": round(out["peak_rss_mb"] - idle, 1)})
         manifest: Manifest = prepare_dataset(data_root, cache_dir, cfg, workers=1, progress=False)
         ok = [c for c in per_case if c["status"] == "ok"]
         result["prepare"] = {
             "worker_idle_rss_mb": round(idle, 1),
             "seconds_per_case": round(float(np.mean([c["seconds"] for c in ok])), 3) if ok else None,
+            "cpu_seconds_per_case": round(float(np.mean([c["cpu_seconds"] for c in ok])), 3) if ok else None,
             "peak_rss_mb_max": max((c["peak_rss_mb"] for c in ok), default=None),
             "per_case": per_case,
         }

@@ -303,9 +303,25 @@ def _reference(geometry: Any) -> Any:
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process in MiB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status`` (``ru_maxrss`` would include the parent's memory at the
+    ``fork`` that precedes the ``exec`` of a spawned worker); elsewhere ``ru_maxrss`` (bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -469,21 +485,25 @@ def prepare_case(case: Any, data_cfg: DataConfig, case_dir: str | os.PathLike[st
     """Preprocess and write one case (runs in a worker process).
 
     Returns:
-        ``{"status": "ok", "record", "seconds", "peak_rss_mb"}`` or ``{"status": "skipped", "case_id",
-        "reason", ...}`` when the case cannot be loaded (:class:`~medsegdiff.data.loading.CaseError`).
+        ``{"status": "ok", "record", "seconds", "cpu_seconds", "peak_rss_mb"}`` or ``{"status":
+        "skipped", "case_id", "reason", ...}`` when the case cannot be loaded (:class:`~medsegdiff.data.loading.CaseError`).
     """
     from medsegdiff.data.loading import CaseError
 
     case_dir = Path(case_dir)
     (case_dir / DONE).unlink(missing_ok=True)  # never a stale marker next to new partial files
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
+
+    def stats() -> dict[str, float]:
+        return {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu,
+                "peak_rss_mb": _peak_rss_mb()}
+
     try:
         record, arrays = preprocess_case(case, data_cfg)
     except (CaseError, DataError) as err:
-        return {"status": "skipped", "case_id": _case_id(case), "reason": str(err),
-                "seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
+        return {"status": "skipped", "case_id": _case_id(case), "reason": str(err), **stats()}
     write_case(case_dir, record, arrays, settings_hash=settings_hash, source=source)
-    return {"status": "ok", "record": record, "seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
+    return {"status": "ok", "record": record, **stats()}
 
 
 def _case_id(case: Any) -> str:

@@ -52,8 +52,9 @@ def test_transforms_keep_image_and_mask_aligned(spatial, kwargs, tolerance):
         mask = out["mask"][0].numpy()
         assert set(np.unique(mask)) <= {0.0, 1.0}
         assert mask.sum() > 0
-        thresholded = (out["image"][0].numpy() > 0.5).astype(np.float32)
-        mismatch = int((thresholded != mask).sum())
+        image = out["image"][0].numpy()
+        decisive = np.abs(image - 0.5) > 0.05  # exact ties (0.5) may round either way
+        mismatch = int(((image > 0.5) != (mask > 0.5))[decisive].sum())
         assert mismatch <= max(tolerance * _boundary(mask), 2), (seed, mismatch, _boundary(mask))
 
 
