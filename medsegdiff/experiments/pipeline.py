@@ -431,8 +431,8 @@ def print_locations(rd: RunDir, tracker: Any) -> None:
     print(f"results       : {rd.results}")
     wb = wandb_location(tracker)
     if wb is not None:
-        mode, offline = wb
-        if offline is not None:
-            print(f"W&B (offline) : {offline}\n                upload later with: wandb sync {offline}")
-        else:
-            print(f"W&B ({mode})  : see the run URL printed above")
+        mode, where = wb
+        if mode == "offline":
+            print(f"W&B (offline) : {where}\n                upload later with: wandb sync {where}")
+        elif where:
+            print(f"W&B ({mode})  : {where}")

@@ -58,12 +58,18 @@ def make_tracker(cfg: ExperimentConfig, run_dir: str | os.PathLike[str], *, wand
     return MultiTracker(trackers)
 
 
-def wandb_location(tracker: Tracker) -> tuple[str, Path | None] | None:
-    """(mode, offline folder) of the W&B run inside ``tracker``, or None without W&B."""
+def wandb_location(tracker: Tracker) -> tuple[str, str | None] | None:
+    """(mode, where) of the W&B run inside ``tracker``: the offline folder, or the run URL online.
+
+    None when W&B is off or has failed.
+    """
     for t in getattr(tracker, "trackers", []):
         inner = getattr(t, "inner", None)
         if inner is not None and hasattr(inner, "offline_dir") and not getattr(t, "failed", False):
-            return inner.mode, inner.offline_dir
+            offline = inner.offline_dir
+            if offline is not None:
+                return inner.mode, str(offline)
+            return inner.mode, getattr(inner.run, "url", None)
     return None
 
 

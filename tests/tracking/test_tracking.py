@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,7 +173,8 @@ def test_real_wandb_offline_run_lives_in_run_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     t = make_tracker(cfg_with("tracking.mode=offline"), tmp_path)
     t.log({"quickstart_metric_xyz": 0.125}, step=2)
-    mode, offline = wandb_location(t)
+    mode, where = wandb_location(t)
+    offline = Path(where)
     t.finish()
     assert mode == "offline"
     assert offline.parent == tmp_path / "wandb" and offline.name.startswith("offline-run-")
