@@ -25,6 +25,8 @@ import numpy as np
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cases", type=int, default=2, help="synthetic cases (default 2)")
     p.add_argument("--full", action="store_true", help="full-size cases (512 x 512-686 x 34-89) instead of tiny ones")
+    p.add_argument("--shape", help="explicit case size XxYxZ (e.g. 512x686x177, the largest real case); "
+                   "overrides --full")
     p.add_argument("--image-size", type=int, default=64, help="data.image_size (default 64)")
     p.add_argument("--samples", type=int, default=2000, help="slices read from the cache (default 2000)")
     p.add_argument("--naive-samples", type=int, default=20, help="slices read the naive way (default 20)")
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)  # one DataLoader worker's view: per-process slice throughput
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="medsegdiff-bench-data-"))
     data_root, cache_dir = work / "data", work / "cache"
-    shape = "full" if args.full else "tiny"
+    shape = args.shape or ("full" if args.full else "tiny")
     result: dict[str, Any] = {"shape": shape, "cases": args.cases, "image_size": args.image_size}
     try:
         t0 = time.perf_counter()

@@ -249,12 +249,13 @@ def _to_sitk(volume: np.ndarray, geometry: Any) -> Any:
     return img
 
 
-def resample_inplane(volume: np.ndarray, native: Any, target: Any, *, mode: str = "linear") -> np.ndarray:
+def resample_inplane(volume: np.ndarray | list[np.ndarray], native: Any, target: Any, *,
+                     mode: str = "linear") -> np.ndarray:
     """Resample a ``(Z, Y, X)`` volume from the ``native`` grid onto the ``target`` grid (in-plane only).
 
     Args:
-        volume: float32 (or bool/uint8 mask) on ``native``. For ``linear`` it is consumed (the caller
-            should not keep another reference if memory matters).
+        volume: float32 (or bool/uint8 mask) on ``native``; or a one-element list holding it, which
+            is emptied so that the array is freed as soon as SimpleITK has its copy (peak memory).
         native, target: :class:`~medsegdiff.data.loading.Geometry` with the same z size / spacing.
         mode: ``linear`` (anti-aliased: Gaussian smoothing with sigma = (target - native spacing) / 2
             along each in-plane axis that is downsampled, then linear interpolation), ``soft``
@@ -267,6 +268,8 @@ def resample_inplane(volume: np.ndarray, native: Any, target: Any, *, mode: str 
 
     if mode not in ("linear", "soft", "nearest"):
         raise ValueError(f"mode must be linear, soft or nearest, got {mode!r}")
+    if isinstance(volume, list):
+        volume = volume.pop()
     if mode == "nearest":
         img = _to_sitk(np.ascontiguousarray(volume, dtype=np.uint8), native)
         out = sitk.Resample(img, _reference(target), sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
@@ -412,10 +415,10 @@ def preprocess_case(case: Any, data_cfg: DataConfig) -> tuple[dict[str, Any], di
         if data_cfg.brain_mask and not ncct_first and m in PERFUSION:
             support = (vol > 0) if support is None else (support | (vol > 0))
         low, high = modality_window(data_cfg, m)
-        vol = window_normalise(vol, low, high)
-        # the recursive (IIR) Gaussian may overshoot by ~1e-3 at sharp edges: back into [0, 1]
-        channels[modalities.index(m)] = np.clip(resample_inplane(vol, native, target, mode="linear"), 0.0, 1.0)
+        owned = [window_normalise(vol, low, high)]
         del vol
+        # the recursive (IIR) Gaussian may overshoot by ~1e-3 at sharp edges: back into [0, 1]
+        channels[modalities.index(m)] = np.clip(resample_inplane(owned, native, target, mode="linear"), 0.0, 1.0)
     assert channels is not None and cache_mask is not None and native_mask is not None  # modalities non-empty
     if data_cfg.brain_mask:
         if brain_native is None:
