@@ -114,7 +114,12 @@ def _prepare_raw(path: Path, out_dir: Path, cfg: Any, progress: bool) -> Any:
     kwargs: dict[str, Any] = {"progress": progress}
     if "require_mask" in inspect.signature(prepare_dataset).parameters:
         kwargs["require_mask"] = False  # prediction needs no reference mask
-    return prepare_dataset(path, cache_dir, cfg.data, **kwargs)
+    try:
+        return prepare_dataset(path, cache_dir, cfg.data, **kwargs)
+    except DataError as err:
+        if "no usable case" not in str(err):
+            raise
+        raise DataError(f"{err}; the checkpoint was trained on modalities {list(cfg.data.modalities)}") from None
 
 
 def resolve_sources(

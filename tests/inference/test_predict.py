@@ -125,7 +125,7 @@ def test_predict_command_line(predicted, checkpoint, tmp_path, capsys):
     assert "wrote 1 case(s)" in capsys.readouterr().out
 
 
-def test_bad_inputs_have_one_line_messages(predicted, checkpoint, tmp_path, capsys):
+def test_bad_inputs_have_one_line_messages(predicted, checkpoint, raw_root, tmp_path, capsys):
     from medsegdiff.cli import main
     from medsegdiff.inference.predict import predict
 
@@ -141,6 +141,9 @@ def test_bad_inputs_have_one_line_messages(predicted, checkpoint, tmp_path, caps
     with pytest.raises(DataError, match=r"has modalities \['cbf', 'tmax'\] but the checkpoint was trained on "
                                         r"\['cbf', 'cbv'\]"):
         predict(other, cache, tmp_path / "o", progress=False)
+    ctp = _make_checkpoint(tmp_path / "run3", ["ctp"])  # the synthetic data has no CTP
+    with pytest.raises(DataError, match=r"no usable case.*missing.*ctp.*trained on modalities \['ctp'\]"):
+        predict(ctp, raw_root, tmp_path / "o", progress=False)
     with pytest.raises(DataError, match="data path not found"):
         predict(checkpoint, tmp_path / "missing", tmp_path / "o")
     empty = tmp_path / "empty"
