@@ -2,8 +2,10 @@
 
 Everything the model needs (architecture, diffusion schedule, respacing, modalities, windows,
 image size, context slices) comes from the checkpoint's embedded config; only the ``inference``
-section and the sampling keys of ``diffusion`` (``respacing``, ``sampler``, ``eta``,
-``clip_denoised``), ``device`` and ``seed`` may be overridden.
+section, the sampling keys of ``diffusion`` (``respacing``, ``sampler``, ``eta``,
+``clip_denoised``), ``model.compile``/``model.channels_last``, ``device`` and ``seed`` may be
+overridden (:data:`OVERRIDABLE`). 3-D patch models are run over overlapping sliding windows
+(:mod:`~medsegdiff.inference.windows`).
 
 Per case the volume's slices and the ensemble members are sampled together
 (:func:`~medsegdiff.inference.sampler.sample_probabilities`), combined
