@@ -342,6 +342,7 @@ class Trainer:
             base = self.comps.validator.baseline()
             if base:
                 self.tracker.log({f"baseline/{k}": v for k, v in base.items()}, step=0)
+                self._log_cases("baseline/cases", getattr(self.comps.validator, "baseline_rows", None), 0)
         while self.step < tc.steps:
             logs = self.run_step()
             every_val = tc.validation.every
@@ -507,12 +508,19 @@ class Trainer:
             return metrics
         if self.dist.is_main:
             self.tracker.log({f"val/{k}": v for k, v in metrics.items()}, step=self.step)
+            self._log_cases("val/cases", getattr(val, "last_rows", None), self.step)
             self.history.append({"step": self.step, **{f"val/{k}": v for k, v in metrics.items()}})
         dice = metrics.get("dice")
         if dice is not None and math.isfinite(dice) and (self.best["value"] is None or dice > self.best["value"]):
             self.best = {"metric": "val/dice", "value": float(dice), "step": self.step}
             self.save(best=True)
         return metrics
+
+    def _log_cases(self, name: str, rows: Any, step: int) -> None:
+        if rows:
+            from medsegdiff.training.validation import TABLE_COLUMNS, table_rows
+
+            self.tracker.log_table(name, list(TABLE_COLUMNS), table_rows(rows), step=step)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

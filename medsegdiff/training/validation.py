@@ -29,6 +29,7 @@ from medsegdiff.config import ExperimentConfig
 from medsegdiff.training.distributed import DistContext, all_gather_objects
 
 LOGGED = ("dice", "avd_ml", "lesion_f1", "lesion_count_diff")
+TABLE_COLUMNS = ("case_id", "dice", "avd_ml", "lesion_f1", "lesion_count_diff", "gt_volume_ml", "pred_volume_ml")
 
 
 def voxel_volume_ml(geometry: Any) -> float:
@@ -72,6 +73,7 @@ class Validator:
         self._diffusion: Any = None
         self._baseline: dict[str, float] | None = None
         self.last_rows: list[dict[str, Any]] = []
+        self.baseline_rows: list[dict[str, Any]] = []
 
     @property
     def diffusion(self) -> Any:
@@ -131,7 +133,14 @@ class Validator:
                 if tmax is None:
                     continue
                 pred = tmax > self.cfg.evaluation.tmax_threshold
-                rows.append(case_metrics(pred, case.native_mask(), voxel_volume_ml(case.native_geometry),
-                                         self.cfg.evaluation.iou_threshold, hd95=False))
+                rows.append({"case_id": cid, **case_metrics(
+                    pred, case.native_mask(), voxel_volume_ml(case.native_geometry),
+                    self.cfg.evaluation.iou_threshold, hd95=False)})
+            self.baseline_rows = rows
             self._baseline = mean_metrics(rows) if rows else {}
         return self._baseline
+
+
+def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    """Per-case rows in :data:`TABLE_COLUMNS` order (for ``tracker.log_table``)."""
+    return [[r.get(c) for c in TABLE_COLUMNS] for r in rows]
