@@ -178,7 +178,19 @@ def test_real_wandb_offline_run_lives_in_run_dir(tmp_path, monkeypatch):
     t.finish()
     assert mode == "offline"
     assert offline.parent == tmp_path / "wandb" and offline.name.startswith("offline-run-")
-    data = b"".join(p.read_bytes() for p in offline.glob("run-*.wandb"))
+    # wandb-core writes the offline file asynchronously: wait for it (teardown flushes everything)
+    import time
+
+    import wandb
+
+    deadline = time.monotonic() + 20
+    data = b""
+    while b"quickstart_metric_xyz" not in data and time.monotonic() < deadline:
+        time.sleep(0.2)
+        data = b"".join(p.read_bytes() for p in offline.glob("run-*.wandb"))
+    if b"quickstart_metric_xyz" not in data:
+        wandb.teardown()
+        data = b"".join(p.read_bytes() for p in offline.glob("run-*.wandb"))
     assert b"quickstart_metric_xyz" in data and b"0.125" in data
 
 
