@@ -356,13 +356,13 @@ def preprocess_case(case: Any, data_cfg: DataConfig) -> tuple[dict[str, Any], di
     Returns:
         ``(record, arrays)``: the manifest record (``case_id``, ``native_geometry``,
         ``cache_geometry``, ``shape``, ``lesion``, ``lesion_slices``, ``cache_lesion_voxels``,
-        ``has_tmax``, ``nonfinite``, ``notes``) and ``image`` float16 ``(C, Z, H, W)``, ``mask`` uint8
-        ``(Z, H, W)``, ``native_mask`` uint8 ``(Z, Y, X)``, ``tmax`` float32 ``(Z, Y, X)`` (if Tmax is
-        a modality).
+        ``has_tmax``, ``has_mask``, ``nonfinite``, ``notes``) and ``image`` float16 ``(C, Z, H, W)``,
+        ``mask`` uint8 ``(Z, H, W)`` (all 0 without a mask file), ``native_mask`` uint8 ``(Z, Y, X)`` (if
+        the case has a mask), ``tmax`` float32 ``(Z, Y, X)`` (if Tmax is a modality).
 
     Raises:
         medsegdiff.data.loading.CaseError: the case cannot be loaded (the caller skips or stops).
-        DataError: no mask, or no source for the brain mask.
+        DataError: a modality without a file, or no source for the brain mask.
     """
     cid = case.case_id
     missing = [m for m in data_cfg.modalities if m not in case.images]
@@ -403,7 +403,8 @@ def preprocess_case(case: Any, data_cfg: DataConfig) -> tuple[dict[str, Any], di
             channels = np.zeros((len(modalities), int(native.size[2]), size, size), dtype=np.float32)
         if native_mask is None:
             has_mask = loaded.mask is not None  # False only for prediction inputs (require_mask=False)
-            native_mask = np.ascontiguousarray(loaded.mask if has_mask else np.zeros(native.shape_zyx), dtype=np.uint8)
+            native_mask = (np.ascontiguousarray(loaded.mask, dtype=np.uint8) if has_mask
+                           else np.zeros(native.shape_zyx, dtype=np.uint8))
             lesion = lesion_statistics(native_mask, native.voxel_volume_ml)
             cache_mask = resample_inplane(native_mask, native, target, mode=data_cfg.mask_resample)
         vol = loaded.images.pop(m)
