@@ -106,3 +106,25 @@ def test_a_single_stage_reuses_the_run_directory(run):
         assert meta["stages"] == ["evaluate"] and len(meta["resumed"]) == 1
     finally:
         os.chdir(old)
+
+
+def test_resume_from_the_saved_config_continues_training(run):
+    import contextlib
+    import io
+    import os
+
+    work, _, _, dirs = run
+    rd = dirs[0]
+    old = Path.cwd()
+    os.chdir(work)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = main(["run", str(rd / "config.yaml"), "train.steps=6", "--resume", "--stages", "train",
+                         "--no-progress"])
+        assert code == 0
+        steps = [r["step"] for r in read_metrics(rd / "metrics.jsonl") if "train/loss" in r]
+        assert steps[-1] == 6 and steps.count(2) == 1  # continued after step 4, not restarted
+        assert load_config(rd / "config.yaml").train.steps == 6
+        assert [p for p in (work / "runs").iterdir() if p.name.startswith("quickstart")] == dirs
+    finally:
+        os.chdir(old)
