@@ -109,3 +109,17 @@ def test_disabled_is_none():
     assert build_augment(AugmentConfig(flip_prob=0, rotate_prob=0, scale_prob=0, intensity_prob=0)) is None
     s = _sample()
     assert augment_sample(None, s, 0) is s
+
+
+def test_3d_rotation_is_in_the_slice_plane():
+    t = build_augment(AugmentConfig(flip_prob=0, rotate_deg=90, rotate_prob=1.0, scale_prob=0, intensity_prob=0),
+                      spatial_dims=3)
+    m = torch.zeros(1, 9, 15, 15)
+    m[0, 2, 1:3, 7] = 1  # a blob on slice D = 2, near the H border
+    moved = 0
+    for seed in range(10):
+        out = augment_sample(t, {"image": m.clone(), "mask": m.clone()}, seed)
+        d, h, w = np.nonzero(out["mask"][0].numpy())
+        assert set(d.tolist()) == {2}  # never leaves its slice
+        moved += int(abs(w.mean() - 7) > 3)
+    assert moved > 0
