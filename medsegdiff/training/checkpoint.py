@@ -59,7 +59,7 @@ def restore_rng(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"].cpu() if hasattr(state["torch"], "cpu") else state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]
+        cuda = [s.cpu() for s in state["cuda"]]  # a checkpoint loaded with map_location=cuda moved them
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
 
