@@ -40,8 +40,12 @@ def test_grad_accumulation_equals_large_batch(stubs, tmp_path):
     assert moved  # the step really changed the weights
 
 
-def test_resume_is_bit_identical(stubs, tmp_path):
-    extra = ["train.steps=8", "train.checkpoint_every=3", "train.grad_accum=2", "train.validation.every=0"]
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_bit_identical(stubs, tmp_path, workers):
+    # workers > 0: the DataLoader prefetches, so the sampler runs ahead of training; the checkpoint
+    # must still record the position of the last CONSUMED batch.
+    extra = ["train.steps=8", "train.checkpoint_every=3", "train.grad_accum=2", "train.validation.every=0",
+             f"data.num_workers={workers}"]
     comps = stubs.make_components(noise=0.3, dropout=0.2, learn_weight=True, n=10)  # epochs wrap at 10
     full = tmp_path / "full"
     res = train(_cfg(stubs, *extra), full, components=comps)
