@@ -324,15 +324,16 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self) -> TrainResult:
         """Train until ``train.steps`` (or the time budget / ``stop_at``) and return the result."""
-        self.setup()
         try:
+            self.setup()
             return self._loop()
         finally:
             if self._own_tracker and self.tracker is not None:
                 self.tracker.finish()
             if self._det_prev is not None:
                 torch.use_deterministic_algorithms(self._det_prev[0], warn_only=self._det_prev[1])
-            cleanup(self.dist)
+            if getattr(self, "dist", None) is not None:
+                cleanup(self.dist)
 
     def _loop(self) -> TrainResult:
         tc = self.cfg.train
