@@ -217,7 +217,7 @@ class Trainer:
         seed_everything(cfg.seed)  # identical initial weights on every rank
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not self.resume or not (self.run_dir / "config.yaml").exists():
+            if not (self.run_dir / "config.yaml").exists():  # the run-directory helpers may have written it
                 save_config(cfg, self.run_dir / "config.yaml")
         barrier(self.dist)
         fn = self.components_fn or build_components
