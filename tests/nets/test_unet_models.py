@@ -182,3 +182,15 @@ def test_compile_inductor_matches(name, h):
         feats = model.encode_image(img)
         torch.testing.assert_close(compiled(x, t, image_features=feats), model(x, t, image_features=feats),
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_activation_checkpointing_gives_same_outputs_and_gradients(h):
+    torch.manual_seed(6)
+    plain = h.perturb(build_model(h.tiny_config("medsegdiff_v1")))
+    ckpt = build_model(h.tiny_config("medsegdiff_v1", "model.use_checkpoint=true"))
+    ckpt.load_state_dict(plain.state_dict())
+    x, img, t = torch.randn(2, 1, 16, 16), torch.randn(2, 5, 16, 16), torch.tensor([3, 30])
+    for m in (plain, ckpt):
+        m(x, t, image=img).square().mean().backward()
+    for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=n)
