@@ -413,6 +413,9 @@ def run_experiment(
                 print("\n" + format_table(results), flush=True)
                 print_locations(rd, tracker)
             status = "done"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
         finally:
             tracker.finish()
             if rank == 0:
