@@ -19,13 +19,10 @@ from medsegdiff.training.trainer import train
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_real_components_resume_bit_identical(tmp_path):
-    from medsegdiff.data.synthetic import generate_dataset
-
-    data = tmp_path / "data"
-    generate_dataset(data, cases=4, seed=1, shape="tiny")
+def test_real_components_resume_bit_identical(tmp_path, tiny_data):
+    data, cache = tiny_data
     cfg = load_config(ROOT / "experiments/quickstart.yaml", [
-        "device=cpu", "tracking.backend=none", f"data.root={data}", f"data.cache_dir={tmp_path / 'cache'}",
+        "device=cpu", "tracking.backend=none", f"data.root={data}", f"data.cache_dir={cache}",
         "data.image_size=16", "data.split.test_fraction=0.0", "data.split.val_fraction=0.3",
         "model.base_channels=8", "model.channel_mult=[1,2]", "model.attention_resolutions=[2]", "model.norm_groups=4",
         "train.steps=6", "train.batch_size=4", "train.grad_accum=2", "train.checkpoint_every=2",
@@ -44,3 +41,11 @@ def test_real_components_resume_bit_identical(tmp_path):
                 assert torch.equal(value, b[key][name]), (key, name)
     assert a["best"] == b["best"] and a["best"]["step"] in (3, 6)
     assert a["sampler"] == b["sampler"]
+
+    # inference loading rebuilds the network from the embedded config and takes the EMA weights
+    from medsegdiff.training.checkpoint import load_for_inference
+
+    model, cfg2, ckpt = load_for_inference(full / "checkpoints/step_00000006.pt", device="cpu")
+    assert cfg2 == cfg and ckpt["step"] == 6 and not model.training
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, a["ema"][name]), name
