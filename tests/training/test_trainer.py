@@ -174,3 +174,61 @@ def test_ema_lerp_matches_formula():
     with ema.swapped_in(m):
         assert torch.allclose(m.weight, torch.full((1, 2), 1.5))
     assert torch.allclose(m.weight, torch.full((1, 2), 3.0))
+
+
+class _ScriptedValidator:
+    """Returns a fixed Dice per step (and records that it saw the EMA weights)."""
+
+    def __init__(self, dice_by_step):
+        self.dice_by_step = dice_by_step
+
+    def __call__(self, model, step):
+        return {"dice": self.dice_by_step[step]}
+
+    def baseline(self):
+        return {"dice": 0.1}
+
+
+def _with_validator(stubs, validator):
+    inner = stubs.make_components()
+
+    def factory(cfg, run_dir, dist_ctx):
+        comps = inner(cfg, run_dir, dist_ctx)
+        comps.validator = validator
+        return comps
+
+    return factory
+
+
+def test_best_checkpoint_survives_resume(stubs, tmp_path):
+    # Dice peaks at step 2; a resume after step 3 must not forget it (the researcher's code reset it).
+    val = _ScriptedValidator({2: 0.6, 4: 0.3, 6: 0.5})
+    extra = ["train.steps=6", "train.validation.every=2", "train.checkpoint_every=3"]
+    run = tmp_path / "b"
+    first = train(_cfg(stubs, *extra), run, components=_with_validator(stubs, val), stop_at=3)
+    assert first.best_checkpoint == run / "checkpoints/best.pt"
+    best_bytes = first.best_checkpoint.read_bytes()
+    res = train(_cfg(stubs, *extra), run, components=_with_validator(stubs, val), resume=True)
+    assert load_checkpoint(res.last_checkpoint)["best"] == {"metric": "val/dice", "value": 0.6, "step": 2}
+    assert res.best_checkpoint.read_bytes() == best_bytes  # not overwritten by the worse later steps
+    best = load_checkpoint(res.best_checkpoint)
+    assert best["step"] == 2
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val/dice"] for r in lines if "val/dice" in r] == [0.6, 0.3, 0.5]
+    assert [r["baseline/dice"] for r in lines if "baseline/dice" in r] == [0.1]
+
+
+def test_validation_uses_ema_weights(stubs, tmp_path):
+    seen = {}
+
+    class _Spy(_ScriptedValidator):
+        def __call__(self, model, step):
+            seen[step] = {k: v.clone() for k, v in model.state_dict().items()}
+            return {"dice": 0.5}
+
+    run = tmp_path / "e"
+    train(_cfg(stubs, "train.steps=2", "train.validation.every=0", "train.checkpoint_every=2"), run,
+          components=_with_validator(stubs, _Spy({})))
+    ck = load_checkpoint(run / "checkpoints/step_00000002.pt")
+    assert all(torch.equal(seen[2][k], ck["ema"][k]) for k in ck["ema"])
+    assert not all(torch.equal(ck["ema"][k], ck["model"][k]) for k in ck["model"])  # EMA != raw weights
