@@ -27,13 +27,13 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "adam", "sgd"] = option("adamw")
-    lr: float = option(1e-4, gt=0.0)
+    name: Literal["adamw", "adam", "sgd"] = option("adamw", doc="optimiser (the learned loss weights are optimised too)")
+    lr: float = option(1e-4, gt=0.0, doc="peak learning rate (after warm-up)")
     weight_decay: float = option(0.0, ge=0.0)
-    betas: list[float] = option([0.9, 0.999])
+    betas: list[float] = option([0.9, 0.999], doc="Adam/AdamW betas")
     momentum: float = option(0.9, ge=0.0, doc="sgd only")
-    schedule: Literal["constant", "cosine"] = option("cosine")
-    warmup_steps: int = option(0, ge=0)
+    schedule: Literal["constant", "cosine"] = option("cosine", doc="after warm-up: constant or cosine decay to min_lr_ratio")
+    warmup_steps: int = option(0, ge=0, doc="linear warm-up steps (from lr / warmup_steps to lr)")
     min_lr_ratio: float = option(0.0, ge=0.0, le=1.0, doc="cosine floor as a fraction of lr")
     grad_clip: float = option(1.0, ge=0.0, doc="max gradient norm; 0 = off")
 
@@ -46,10 +46,10 @@ class OptimConfig:
 class ValidationConfig:
     every: int = option(0, ge=0, doc="validate every N steps; 0 = only at the end")
     respacing: str = option("ddim250", doc="respacing used for validation sampling")
-    ensemble: int = option(1, ge=1)
+    ensemble: int = option(1, ge=1, doc="ensemble members averaged per validation case")
     max_cases: int = option(0, ge=0, doc="validate on at most N cases; 0 = all")
-    threshold: float = option(0.5, gt=0.0, lt=1.0)
-    use_ema: bool = option(True)
+    threshold: float = option(0.5, gt=0.0, lt=1.0, doc="probability threshold for the validation masks")
+    use_ema: bool = option(True, doc="validate (and pick best.pt) with the EMA weights")
 
 
 @dataclass
@@ -58,11 +58,13 @@ class TrainConfig:
     time_budget_s: float = option(0.0, ge=0.0, doc="stop after this many seconds (0 = none)")
     batch_size: int = option(8, ge=1, doc="global batch size per optimizer step")
     grad_accum: int = option(1, ge=1, doc="micro-batches per step (batch_size must divide evenly)")
-    precision: Literal["fp32", "bf16", "fp16"] = option("fp32")
-    ema_rate: float = option(0.999, ge=0.0, lt=1.0)
-    log_every: int = option(10, ge=1)
-    checkpoint_every: int = option(200, ge=1)
-    keep_last: int = option(2, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = option(
+        "fp32", doc="bf16 = autocast (CPU or GPU); fp16 = autocast + GradScaler (CUDA only)"
+    )
+    ema_rate: float = option(0.999, ge=0.0, lt=1.0, doc="EMA decay of the weights used for validation and inference")
+    log_every: int = option(10, ge=1, doc="log training scalars every N steps")
+    checkpoint_every: int = option(200, ge=1, doc="write checkpoints/step_N.pt every N steps (and at the end)")
+    keep_last: int = option(2, ge=1, doc="step checkpoints kept (best.pt is kept separately)")
     max_bad_steps: int = option(5, ge=1, doc="stop after this many non-finite steps in a row")
     deterministic: bool = option(True, doc="deterministic algorithms on CPU (bit-exact resume)")
     validation: ValidationConfig = option(default_factory=ValidationConfig)
