@@ -80,10 +80,11 @@ def _variant(cfg, device, args, precision: str, compiled: bool) -> dict[str, Any
 
     model, objective, params, opt, ema, batch = _setup(cfg, device, args.batch_size)
 
-    def fwd(b, s):
-        return objective(model, b, s)
+    net = torch.compile(model) if compiled else model  # as the trainer does: the network only
 
-    run_fwd = torch.compile(fwd) if compiled else fwd
+    def run_fwd(b, s):
+        return objective(net, b, s)
+
     try:
         for s in range(args.warmup):
             _one_step(model, objective, params, opt, ema, batch, s, device, precision, run_fwd)

@@ -237,7 +237,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=tc.precision == "fp16" and self.device.type == "cuda"
         )
-        step_module: nn.Module = _StepModule(self.model, self.objective)
+        # torch.compile wraps the network only (the objective draws timesteps with numpy, which would
+        # break graphs); the unwrapped model keeps plain state_dict keys for EMA and checkpoints.
+        net = torch.compile(self.model) if cfg.model.compile else self.model
+        step_module: nn.Module = _StepModule(net, self.objective)
         if self.dist.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -248,7 +251,7 @@ class Trainer:
                 broadcast_buffers=False,
             )
         self.ddp = step_module if self.dist.distributed else None
-        self.step_module = torch.compile(step_module) if cfg.model.compile else step_module
+        self.step_module = step_module
         self.cursor = _BatchCursor(comps.sampler, self.micro)
         if self.resume:
             self.load_latest()

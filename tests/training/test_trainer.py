@@ -232,3 +232,15 @@ def test_validation_uses_ema_weights(stubs, tmp_path):
     ck = load_checkpoint(run / "checkpoints/step_00000002.pt")
     assert all(torch.equal(seen[2][k], ck["ema"][k]) for k in ck["ema"])
     assert not all(torch.equal(ck["ema"][k], ck["model"][k]) for k in ck["model"])  # EMA != raw weights
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager(stubs, tmp_path):
+    # torch.compile wraps the network only; checkpoints keep plain keys (no "_orig_mod.").
+    eager, comp = tmp_path / "eager", tmp_path / "comp"
+    train(_cfg(stubs, "train.steps=4"), eager, components=stubs.make_components())
+    train(_cfg(stubs, "train.steps=4", "model.compile=true"), comp, components=stubs.make_components())
+    a, b = _weights(eager), _weights(comp)
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
