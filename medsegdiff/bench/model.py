@@ -157,6 +157,7 @@ def _bench_one(cfg, args, device) -> dict[str, Any]:
     for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
         for mode, m in variants:
             key = f"{precision}_{mode}"
+            print(f"[bench model] {cfg.model.preset}/{cfg.model.name}: {key}", file=sys.stderr, flush=True)
             entry: dict[str, Any] = {}
             try:
                 with autocast(device, precision):
@@ -182,6 +183,8 @@ def _bench_one(cfg, args, device) -> dict[str, Any]:
             res[key] = entry
 
     if diffusion:
+        print(f"[bench model] {cfg.model.preset}/{cfg.model.name}: cached vs naive sampling", file=sys.stderr,
+              flush=True)
         model.eval()
         n, steps = args.members, args.steps
         ximg = img.repeat_interleave(n, 0)
