@@ -102,8 +102,8 @@ def log_to_file(path: Path) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- prepare
-def ensure_dataset(cfg: ExperimentConfig, *, progress: bool = True) -> Path:
-    """The data root, generating the synthetic dataset first when the config asks for it.
+def check_data_root(cfg: ExperimentConfig) -> Path:
+    """``data.root`` if it exists or will be generated (``data.synthetic.generate``).
 
     Raises:
         ConfigError: ``data.root`` is empty.
@@ -115,14 +115,25 @@ def ensure_dataset(cfg: ExperimentConfig, *, progress: bool = True) -> Path:
             "(e.g. data.root=/data/isles24/train) or use experiments/quickstart.yaml for synthetic data"
         )
     root = Path(cfg.data.root).expanduser()
+    if not root.exists() and not cfg.data.synthetic.generate:
+        raise DataError(
+            f"{root}: data.root does not exist; fix data.root (e.g. data.root=/data/isles24/train), "
+            "or set data.synthetic.generate=true to create a synthetic dataset there"
+        )
+    return root
+
+
+def ensure_dataset(cfg: ExperimentConfig, *, progress: bool = True) -> Path:
+    """The data root, generating the synthetic dataset first when the config asks for it.
+
+    Raises:
+        ConfigError: ``data.root`` is empty.
+        DataError: ``data.root`` does not exist and ``data.synthetic.generate`` is false.
+    """
+    root = check_data_root(cfg)
     if root.exists():
         return root
     syn = cfg.data.synthetic
-    if not syn.generate:
-        raise DataError(
-            f"{root}: data.root does not exist; fix data.root, or set data.synthetic.generate=true "
-            "to create a synthetic dataset there"
-        )
     from medsegdiff.data.synthetic import generate_dataset
 
     logger.info("generating %d synthetic cases (%s, %s layout) in %s", syn.cases, syn.shape, syn.layout, root)
@@ -370,6 +381,8 @@ def run_experiment(
     """
     stages = parse_stages(stages)
     reuse = resume or "prepare" not in stages or "train" not in stages
+    if "prepare" in stages and _rank() == 0:
+        check_data_root(cfg)  # before a run directory is made for nothing
     rd, cfg = init_shared_run_dir(cfg, reference, resume=reuse, command=command)
     rank = _rank()
     result = PipelineResult(run_dir=rd.root, stages=stages, cfg=cfg)

@@ -35,3 +35,12 @@ def test_summary_and_table():
     assert lines[0].split() == ["method", "Dice", "AVD", "(mL)", "Lesion", "F1", "Count", "diff"]
     assert "0.500" in lines[2] and "2.25" in lines[2] and "0.250" in lines[2]
     assert "0.125" in lines[3] and lines[3].rstrip().endswith("-")  # missing values shown as '-'
+
+
+def test_a_missing_data_root_fails_before_a_run_directory_is_made(tmp_path):
+    from medsegdiff.experiments.pipeline import run_experiment
+
+    cfg = load_config(None, [f"data.root={tmp_path / 'missing'}", f"run_root={tmp_path / 'runs'}"])
+    with pytest.raises(DataError, match="data.root does not exist"):
+        run_experiment(cfg, stages="prepare")
+    assert not (tmp_path / "runs").exists()
