@@ -67,3 +67,8 @@ def test_train_end_to_end_beats_tmax_baseline(tmp_path):
     assert model_dice > base_dice, f"on lesion cases: model Dice {model_dice:.3f} vs Tmax > 9 s {base_dice:.3f}"
     # the baseline grossly over-segments (whole hypoperfused region); the model must be closer in volume
     assert val["val/avd_ml"] < base["baseline/avd_ml"]
+    # validation image panels (image, reference, prediction, uncertainty) land in the run directory
+    panels = [r for r in records if r.get("images") == "val/panels"]
+    assert panels and panels[-1]["step"] == 200
+    assert set(panels[-1]["files"]) == {"image", "reference", "prediction", "uncertainty"}
+    assert all((run / f).is_file() for f in panels[-1]["files"].values())

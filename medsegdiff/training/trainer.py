@@ -513,6 +513,8 @@ class Trainer:
         if self.dist.is_main:
             self.tracker.log({f"val/{k}": v for k, v in metrics.items()}, step=self.step)
             self._log_cases("val/cases", getattr(val, "last_rows", None), self.step)
+            if self.cfg.tracking.log_images and getattr(val, "last_panels", None):
+                self.tracker.log_images("val/panels", val.last_panels, step=self.step)
             self.history.append({"step": self.step, **{f"val/{k}": v for k, v in metrics.items()}})
         dice = metrics.get("dice")
         if dice is not None and math.isfinite(dice) and (self.best["value"] is None or dice > self.best["value"]):

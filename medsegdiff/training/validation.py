@@ -73,6 +73,7 @@ class Validator:
         self._diffusion: Any = None
         self._baseline: dict[str, float] | None = None
         self.last_rows: list[dict[str, Any]] = []
+        self.last_panels: dict[str, np.ndarray] = {}
         self.baseline_rows: list[dict[str, Any]] = []
 
     @property
@@ -83,8 +84,8 @@ class Validator:
             self._diffusion = build_diffusion(self.cfg.diffusion, self.cfg.train.validation.respacing)
         return self._diffusion
 
-    def probabilities(self, model: torch.nn.Module, case_id: str, step: int) -> np.ndarray:
-        """Ensemble-mean lesion probability ``(Z, H, W)`` on the cache grid."""
+    def probabilities(self, model: torch.nn.Module, case_id: str, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Ensemble mean and standard deviation of the lesion probability, each ``(Z, H, W)`` (cache grid)."""
         from medsegdiff.inference.sampler import sample_probabilities
 
         vc = self.cfg.train.validation
@@ -96,14 +97,17 @@ class Validator:
             eta=self.cfg.diffusion.eta, batch_size=self.cfg.inference.batch_size, generator=gen,
             precision=self.cfg.inference.precision, clip_denoised=self.cfg.diffusion.clip_denoised,
         )
-        return probs.float().mean(0).cpu().numpy()
+        probs = probs.float()
+        return probs.mean(0).cpu().numpy(), probs.std(0, correction=0).cpu().numpy()
 
     def score_case(self, model: torch.nn.Module, case_id: str, step: int) -> dict[str, Any]:
         from medsegdiff.inference.export import to_native
         from medsegdiff.metrics.isles24 import case_metrics
 
         case = self.manifest.case(case_id)
-        prob = self.probabilities(model, case_id, step)
+        prob, spread = self.probabilities(model, case_id, step)
+        if case_id == self.case_ids[0]:
+            self.last_panels = panels(case, prob, spread)
         native = to_native(prob, case.cache_geometry, case.native_geometry)
         pred = native >= self.cfg.train.validation.threshold
         m = case_metrics(pred, case.native_mask(), voxel_volume_ml(case.native_geometry),
@@ -144,3 +148,21 @@ class Validator:
 def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
     """Per-case rows in :data:`TABLE_COLUMNS` order (for ``tracker.log_table``)."""
     return [[r.get(c) for c in TABLE_COLUMNS] for r in rows]
+
+
+def panels(case: Any, prob: np.ndarray, spread: np.ndarray) -> dict[str, np.ndarray]:
+    """Image panels of the slice with the most reference lesion (cache grid), each ``(H, W)`` in [0, 1].
+
+    ``image`` is the Tmax channel when present (else the first modality), then ``reference``,
+    ``prediction`` (ensemble-mean probability) and ``uncertainty`` (ensemble standard deviation).
+    """
+    mask = np.asarray(case.mask)
+    z = int(np.argmax(mask.reshape(mask.shape[0], -1).sum(1))) if mask.any() else mask.shape[0] // 2
+    mods = list(getattr(case, "modalities", []))
+    channel = mods.index("tmax") if "tmax" in mods else 0
+    return {
+        "image": np.asarray(case.image[channel, z], dtype=np.float32),
+        "reference": mask[z].astype(np.float32),
+        "prediction": prob[z].astype(np.float32),
+        "uncertainty": spread[z].astype(np.float32),
+    }

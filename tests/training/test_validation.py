@@ -82,3 +82,19 @@ def test_ranks_score_disjoint_cases(tiny_data, monkeypatch):
 def test_mean_metrics_ignores_nan():
     out = mean_metrics([{"dice": 1.0, "avd_ml": float("nan")}, {"dice": 0.0, "avd_ml": 2.0}])
     assert out["dice"] == 0.5 and out["avd_ml"] == 2.0 and out["cases"] == 2.0
+
+
+def test_panels_show_the_slice_with_most_lesion(tiny_data):
+    val, manifest = _validator(tiny_data)
+    val(_Constant(20.0), step=0)
+    panels = val.last_panels
+    assert set(panels) == {"image", "reference", "prediction", "uncertainty"}
+    case = manifest.case(manifest.case_ids[0])
+    mask = np.asarray(case.mask)
+    if mask.any():
+        z = int(np.argmax(mask.reshape(mask.shape[0], -1).sum(1)))
+        assert np.array_equal(panels["reference"], mask[z].astype(np.float32))
+    assert np.allclose(panels["prediction"], 1.0)  # sigmoid(20) everywhere
+    assert np.allclose(panels["uncertainty"], 0.0)  # one member: no spread
+    for img in panels.values():
+        assert img.shape == mask.shape[1:]
