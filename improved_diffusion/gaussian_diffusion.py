@@ -450,8 +450,12 @@ class GaussianDiffusion:
         denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         model_kwargs: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One ancestral step ``x_t -> x_{t-1}`` (no noise at ``t == 0``).
+
+        ``noise`` (an addition to the upstream signature) supplies the step's standard normal
+        noise explicitly, e.g. counter-based noise that must not depend on the batching.
 
         Returns:
             dict with ``sample`` and ``pred_xstart``.
@@ -459,7 +463,8 @@ class GaussianDiffusion:
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
-        noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+        if noise is None:
+            noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
         mask = _nonzero_mask(t, x.ndim, x.dtype)
         sample = out["mean"] + mask * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -558,11 +563,13 @@ class GaussianDiffusion:
         model_kwargs: dict[str, Any] | None = None,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One DDIM step ``x_t -> x_{t-1}`` (DDIM Eq. 12; ``eta = 0`` is deterministic).
 
         The noise estimate is re-derived from the (clipped) predicted ``x_0``; a learned variance
-        is ignored.
+        is ignored. ``noise`` (an addition to the upstream signature) supplies the step's noise
+        explicitly when ``eta > 0``.
 
         Returns:
             dict with ``sample`` and ``pred_xstart``.
@@ -582,7 +589,8 @@ class GaussianDiffusion:
             1 - alpha_bar_prev - sigma**2
         ) * eps
         if eta != 0:
-            noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+            if noise is None:
+                noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
             sample = mean_pred + _nonzero_mask(t, x.ndim, x.dtype) * sigma * noise
         else:
             sample = mean_pred

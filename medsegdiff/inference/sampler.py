@@ -73,26 +73,13 @@ def member_noise(
     return torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float32)
 
 
-def _as_numpy(arr: Any) -> np.ndarray:
-    if isinstance(arr, Tensor):
-        return arr.detach().double().cpu().numpy()
-    return np.asarray(arr, dtype=np.float64)
-
-
 class _StepTables:
-    """Per-step scalar coefficients of the (respaced) diffusion, as Python floats."""
+    """How many reverse steps the (respaced) diffusion has, and whether they draw noise."""
 
     def __init__(self, diffusion: Any, sampler: str, eta: float) -> None:
-        ac = _as_numpy(diffusion.alphas_cumprod)
-        ac_prev = np.append(1.0, ac[:-1])
-        self.num_steps = int(len(ac))
-        self.sqrt_recip_ac = np.sqrt(1.0 / ac).tolist()
-        self.sqrt_recipm1_ac = np.sqrt(1.0 / ac - 1.0).tolist()
-        sigma = eta * np.sqrt((1.0 - ac_prev) / (1.0 - ac)) * np.sqrt(1.0 - ac / ac_prev)
-        self.sigma = sigma.tolist()
-        self.sqrt_ac_prev = np.sqrt(ac_prev).tolist()
-        self.eps_coef = np.sqrt(np.clip(1.0 - ac_prev - sigma**2, 0.0, None)).tolist()
+        self.num_steps = int(diffusion.num_timesteps)
         self.stochastic = sampler == "ddpm" or eta > 0.0
+        self.eta = float(eta)
 
 
 def _step(
@@ -108,20 +95,17 @@ def _step(
 ) -> Tensor:
     """One reverse step ``x_k -> x_{k-1}`` (respaced index ``k``) for a batch ``x`` ``(B, 1, *S)``."""
     t = torch.full((x.shape[0],), k, device=x.device, dtype=torch.long)
-    out = diffusion.p_mean_variance(model_fn, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+    # The step itself is the core's (improved_diffusion): ancestral p_sample (Ho et al. 2020,
+    # Algorithm 2) or ddim_sample (Song et al. 2021, eq. 12, eps re-derived from the clipped x0).
+    # Counter-based noise is passed in explicitly; zeros where no noise is added (t = 0 or eta = 0).
+    z = noise if noise is not None else torch.zeros_like(x)
     if sampler == "ddpm":
-        # Ho et al. 2020, Algorithm 2: x_{t-1} = mu + sigma z (no noise at t = 0).
-        x_next = out["mean"].float()
-        if noise is not None and k > 0:
-            x_next = x_next + torch.exp(0.5 * out["log_variance"].float()) * noise
-        return x_next
-    # DDIM (Song et al. 2021, eq. 12), with eps re-derived from the clipped x0 as improved-diffusion does.
-    x0 = out["pred_xstart"].float()
-    eps = (tables.sqrt_recip_ac[k] * x - x0) / tables.sqrt_recipm1_ac[k]
-    x_next = x0 * tables.sqrt_ac_prev[k] + tables.eps_coef[k] * eps
-    if noise is not None and k > 0 and tables.sigma[k] > 0.0:
-        x_next = x_next + tables.sigma[k] * noise
-    return x_next
+        out = diffusion.p_sample(model_fn, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs, noise=z)
+    else:
+        out = diffusion.ddim_sample(
+            model_fn, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs, eta=tables.eta, noise=z
+        )
+    return out["sample"].float()
 
 
 def _make_model_fn(model: torch.nn.Module, device: torch.device, precision: str) -> Callable[..., Tensor]:

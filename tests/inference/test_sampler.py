@@ -109,3 +109,16 @@ def test_real_networks_fast_equals_naive(name, parts):
     naive = sample_probabilities(model, diffusion, images, members=2, naive=True, eta=0.5,
                                  generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(fast, naive, atol=1e-5, rtol=0)
+
+
+def test_fast_ddim_equals_the_core_ddim_sample_loop(tiny_model, tiny_diffusion):
+    """The batched sampler runs the core's DDIM steps: same x_T -> same result as ddim_sample_loop."""
+    torch.manual_seed(0)
+    images = torch.randn(3, 2, 8, 8)
+    x_T = torch.randn(2, 3, 1, 8, 8)
+    fast = sample_probabilities(tiny_model, tiny_diffusion, images, members=2, noise=x_T, batch_size=4)
+    for m in range(2):
+        ref = tiny_diffusion.ddim_sample_loop(
+            tiny_model, (3, 1, 8, 8), noise=x_T[m], model_kwargs={"image": images}, eta=0.0
+        )
+        assert torch.allclose(fast[m], ((ref[:, 0] + 1) / 2).clamp(0, 1), atol=1e-5)
