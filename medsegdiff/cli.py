@@ -24,6 +24,7 @@ COMMANDS = (
     "prepare",
     "train",
     "predict",
+    "calibrate",
     "evaluate",
     "baseline",
     "sweep",

@@ -53,3 +53,12 @@ def test_config_command_prints_resolved_yaml(tmp_path, capsys):
     assert cfg.train.steps == 4 and cfg.optim.lr == 0.01
     assert main(["config", "--keys"]) == 0
     assert "train.steps" in capsys.readouterr().out
+
+
+def test_case_ids_accept_spaces_and_commas():
+    from medsegdiff.commands import split_case_ids
+
+    assert split_case_ids(None) is None
+    assert split_case_ids([]) is None
+    assert split_case_ids("a,b") == ["a", "b"]
+    assert split_case_ids(["a,b", "c", " d , "]) == ["a", "b", "c", "d"]

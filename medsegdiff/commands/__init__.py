@@ -1,1 +1,12 @@
 """CLI sub-commands; see :mod:`medsegdiff.cli` for the contract."""
+
+from __future__ import annotations
+
+
+def split_case_ids(values: list[str] | str | None) -> list[str] | None:
+    """Case ids given as ``a b``, ``a,b`` or a mix (None or nothing -> None = all cases)."""
+    if values is None:
+        return None
+    items = [values] if isinstance(values, str) else values
+    ids = [c.strip() for item in items for c in item.split(",") if c.strip()]
+    return ids or None

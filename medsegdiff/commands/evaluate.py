@@ -23,13 +23,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="lesion components: 0 = official (26 in 3-D, 4 in 2-D)",
     )
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
-    p.add_argument("--cases", nargs="*", default=None, metavar="ID", help="score only these case ids")
+    p.add_argument("--cases", nargs="*", default=None, metavar="ID", help="score only these case ids (space- or comma-separated)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from medsegdiff.commands import split_case_ids
     from medsegdiff.evaluation.evaluate import evaluate, format_table
 
     summary = evaluate(
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         iou_threshold=args.iou_threshold,
         hd95=not args.no_hd95,
         connectivity=args.connectivity,
-        cases=args.cases,
+        cases=split_case_ids(args.cases),
         progress=not args.no_progress,
     )
     print(format_table(summary))

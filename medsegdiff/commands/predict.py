@@ -24,9 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medsegdiff.commands import split_case_ids
     from medsegdiff.inference.predict import predict
 
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()] or None
+    cases = split_case_ids(args.cases)
     data = args.data[0] if len(args.data) == 1 else args.data
     written = predict(args.checkpoint, data, args.out, overrides=args.overrides, cases=cases,
                       progress=not args.no_progress)

@@ -17,6 +17,9 @@ class InferenceConfig:
     uncertainty: Literal["std", "entropy"] = option(
         "std", doc="per-voxel uncertainty: std of member probabilities, or binary entropy (bits) of their mean")
     threshold: float = option(0.5, gt=0.0, lt=1.0, doc="probability threshold (replaced by a calibrated one if present)")
+    calibrate: bool = option(
+        True, doc="`medsegdiff run`: sweep the threshold on the validation cases before predicting (calibration.json)"
+    )
     use_calibrated_threshold: bool = option(
         True, doc="use <run>/calibration.json (or the checkpoint's calibration) instead of inference.threshold")
     use_ema: bool = option(True)

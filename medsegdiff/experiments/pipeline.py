@@ -242,10 +242,26 @@ def stage_predict(cfg: ExperimentConfig, rd: RunDir, *, progress: bool = True) -
 
     ckpt = best_checkpoint(rd)
     cases = test_cases(rd)
+    if cfg.inference.calibrate:
+        stage_calibrate(cfg, rd, ckpt, progress=progress)
     say(f"[predict] {len(cases)} held-out cases with {ckpt.name} "
         f"({cfg.inference.respacing or cfg.diffusion.respacing}, {cfg.inference.ensemble} members)")
     return predict(ckpt, Path(cfg.data.cache_dir), rd.predictions, overrides=_inference_overrides(cfg), cases=cases,
                    progress=progress)
+
+
+def stage_calibrate(cfg: ExperimentConfig, rd: RunDir, ckpt: Path, *, progress: bool = True) -> float | None:
+    """Sweep the threshold on the validation cases; predict then applies ``<run>/calibration.json``."""
+    from medsegdiff.inference.calibration import calibrate_checkpoint, validation_cases
+
+    cases = validation_cases(rd.root)
+    if not cases:
+        say("[calibrate] no validation cases; keeping inference.threshold")
+        return None
+    best, _, path = calibrate_checkpoint(ckpt, Path(cfg.data.cache_dir), cases, overrides=_inference_overrides(cfg),
+                                         run_dir=rd.root, progress=progress)
+    say(f"[calibrate] threshold {best:.2f} from {len(cases)} validation cases -> {path}")
+    return best
 
 
 def _inference_overrides(cfg: ExperimentConfig) -> list[str]:

@@ -196,3 +196,13 @@ def find_calibration(checkpoint: str | os.PathLike[str], ckpt: dict[str, Any] | 
 
 
 __all__ = ["CALIBRATION_FILE", "calibrate_checkpoint", "calibrate_threshold", "pick_best", "find_calibration", "save_calibration", "volume_dice"]
+
+
+def validation_cases(run_dir: str | os.PathLike[str]) -> list[str] | None:
+    """The validation case ids of a run (``<run>/splits.json``), or None when it has no split."""
+    from medsegdiff.data.splits import Splits
+
+    path = Path(run_dir) / "splits.json"
+    if not path.is_file():
+        return None
+    return list(Splits.load(path).val) or None

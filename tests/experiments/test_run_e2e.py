@@ -22,7 +22,7 @@ REDUCED = [
     "train.steps=4", "train.batch_size=4", "train.time_budget_s=0", "train.log_every=2",
     "train.checkpoint_every=2", "train.validation.every=0", "train.validation.respacing=ddim5",
     "train.validation.max_cases=1", "inference.respacing=ddim5", "inference.ensemble=1",
-    "tracking.backend=none",
+    "inference.calibrate=true", "tracking.backend=none",
 ]
 
 
@@ -128,3 +128,24 @@ def test_resume_from_the_saved_config_continues_training(run):
         assert [p for p in (work / "runs").iterdir() if p.name.startswith("quickstart")] == dirs
     finally:
         os.chdir(old)
+
+
+def test_calibrated_threshold_is_stored_and_applied(run):
+    import csv
+
+    rd = run[3][0]
+    calib = json.loads((rd / "calibration.json").read_text())
+    assert 0.0 < calib["threshold"] < 1.0
+    rows = list(csv.DictReader((rd / "predictions" / "predictions.csv").open()))
+    assert rows and all(abs(float(r["threshold"]) - calib["threshold"]) < 1e-6 for r in rows)
+
+
+def test_calibrate_command_writes_calibration_for_validation_cases(run, tmp_path, capsys):
+    rd = run[3][0]
+    cfg = load_config(rd / "config.yaml")
+    ckpt = next((rd / "checkpoints").glob("*.pt"))
+    code = main(["calibrate", "--checkpoint", str(ckpt), "--data", cfg.data.cache_dir, "--run-dir", str(tmp_path),
+                 "--no-progress", "inference.ensemble=1", "inference.respacing=ddim5"])
+    assert code == 0
+    assert "best threshold" in capsys.readouterr().out
+    assert 0.0 < json.loads((tmp_path / "calibration.json").read_text())["threshold"] < 1.0
