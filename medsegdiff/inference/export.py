@@ -161,11 +161,20 @@ def write_overlay(
     reference: np.ndarray | None = None,
     *,
     n_slices: int = 3,
+    min_tile: int = 256,
 ) -> Path:
-    """Write :func:`overlay_rgb` as an RGB PNG with SimpleITK (no matplotlib), atomically."""
+    """Write :func:`overlay_rgb` as an RGB PNG with SimpleITK (no matplotlib), atomically.
+
+    Small grids are enlarged by an integer nearest-neighbour factor so each tile is at least
+    ``min_tile`` pixels on its longer side (voxels stay square blocks; nothing is interpolated).
+    """
     import SimpleITK as sitk
 
     rgb = overlay_rgb(image, pred, reference, n_slices=n_slices)
+    tile = max(np.asarray(pred).shape[1:])
+    factor = max(1, -(-min_tile // max(tile, 1)))
+    if factor > 1:
+        rgb = np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
     img = sitk.GetImageFromArray(rgb, isVector=True)
     path = Path(path)
     atomic_write_with(path, lambda tmp: sitk.WriteImage(img, tmp), suffix=".png")

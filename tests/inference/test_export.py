@@ -109,9 +109,14 @@ def test_overlay_png_colours(tmp_path):
     ref[2, 5:7, 5:7] = 1
     rgb = overlay_rgb(image, pred, ref, n_slices=2)
     assert rgb.shape == (8, 16, 3) and rgb.dtype == np.uint8
-    path = write_overlay(tmp_path / "o.png", image, pred, ref, n_slices=2)
+    path = write_overlay(tmp_path / "o.png", image, pred, ref, n_slices=2, min_tile=0)
     back = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
     np.testing.assert_array_equal(back, rgb)
+    # small grids are enlarged by an integer nearest-neighbour factor: 8 px tiles -> 32 px (factor 4)
+    big = sitk.GetArrayFromImage(sitk.ReadImage(str(write_overlay(tmp_path / "b.png", image, pred, ref,
+                                                                  n_slices=2, min_tile=30))))
+    assert big.shape == (32, 64, 3)
+    np.testing.assert_array_equal(big[::4, ::4], rgb)
     # slice 2 has the lesions; slices are shown in z order, so it is one of the two tiles
     # slice 2 has the most lesion, then slice 0 (stable order): tiles are z-sorted -> [0, 2]
     tile = rgb[:, 8:]
