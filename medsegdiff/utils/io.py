@@ -16,21 +16,28 @@ from typing import Any, BinaryIO
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[BinaryIO]:
-    """Open a temporary file next to ``path``; on success it replaces ``path`` atomically."""
+def _replacing(path: str | os.PathLike[str], suffix: str = "") -> Iterator[str]:
+    """Yield a temporary file name next to ``path``; on success fsync it and replace ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh  # type: ignore[misc]
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[BinaryIO]:
+    """Open a temporary file next to ``path``; on success it replaces ``path`` atomically."""
+    with _replacing(path) as tmp, open(tmp, mode) as fh:
+        yield fh  # type: ignore[misc]
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -51,16 +58,5 @@ def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[str], None
 
     ``suffix`` keeps the extension the writer needs to pick a format (``.nii.gz``, ``.png``).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with _replacing(path, suffix) as tmp:
         writer(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
