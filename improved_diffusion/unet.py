@@ -56,14 +56,17 @@ class TimestepBlock(nn.Module):
     """A module whose ``forward`` takes the timestep embedding as a second argument."""
 
     @abstractmethod
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
         """Apply the module to ``x`` given the timestep embedding ``emb``."""
 
 
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
-    """A sequential container that passes the embedding to the children that take one."""
+    """A sequential container that passes the embedding to the children that take one.
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    ``emb`` may be None for time-free stacks (e.g. an image encoder built from time-free blocks).
+    """
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         for layer in self:
             x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
         return x

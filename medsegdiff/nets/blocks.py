@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from improved_diffusion.nn import checkpoint, conv_nd, normalization, zero_module
+from improved_diffusion.unet import TimestepBlock, TimestepEmbedSequential
 from medsegdiff.errors import ConfigError
 
 __all__ = [
@@ -93,20 +94,8 @@ def _expand(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t
 
 
-class TimestepBlock(nn.Module):
-    """A module whose ``forward`` takes the time embedding as second argument."""
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-
-class TimestepSequential(nn.Sequential, TimestepBlock):
-    """Sequential container that passes the time embedding to the :class:`TimestepBlock` children."""
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        for layer in self:
-            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
-        return x
+# The time-embedding container is the core's (improved_diffusion.unet); the old name stays.
+TimestepSequential = TimestepEmbedSequential
 
 
 class Downsample(nn.Module):
