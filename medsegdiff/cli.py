@@ -1,9 +1,10 @@
 """The ``medsegdiff`` command line: a thin layer over the library.
 
-Each sub-command lives in ``medsegdiff/commands/<name>.py`` and provides ``HELP`` (one line),
-``add_arguments(parser)`` and ``run(args) -> int``. Command modules import heavy libraries inside
-``run`` so that ``medsegdiff --help`` stays fast. Expected mistakes (:class:`MedSegDiffError`)
-are printed as one line on stderr with exit status 2, without a traceback.
+Each sub-command lives in ``medsegdiff/commands/<name>.py`` and provides ``add_arguments(parser)``
+and ``run(args) -> int``; its one-line help is :data:`medsegdiff.commands.COMMANDS`. Only the
+chosen command's module is imported (see :func:`build_parser`), so ``medsegdiff --help`` stays fast.
+Expected mistakes (:class:`MedSegDiffError`) are printed as one line on stderr with exit status 2,
+without a traceback.
 """
 
 from __future__ import annotations
@@ -15,29 +16,21 @@ import sys
 from collections.abc import Sequence
 
 from medsegdiff import __version__
+from medsegdiff.commands import COMMANDS
 from medsegdiff.errors import MedSegDiffError
-
-# Order shown in --help. A name without a module yet is simply not listed.
-COMMANDS = (
-    "run",
-    "synth",
-    "prepare",
-    "train",
-    "predict",
-    "calibrate",
-    "evaluate",
-    "baseline",
-    "sweep",
-    "bench",
-    "config",
-)
 
 
 def available_commands() -> list[str]:
     return [c for c in COMMANDS if importlib.util.find_spec(f"medsegdiff.commands.{c}") is not None]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; of the sub-commands only the one named in ``argv`` gets its arguments.
+
+    Command modules import torch and the library at their top. They are imported here, lazily and
+    only for the chosen command, so that ``medsegdiff --help`` (and a mistyped command) answers at once.
+    """
+    chosen = next((a for a in (argv or ()) if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(
         prog="medsegdiff",
         description="Diffusion segmentation (MedSegDiff V1/V2) of stroke lesions in ISLES24 CT.",
@@ -45,15 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medsegdiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in available_commands():
-        module = importlib.import_module(f"medsegdiff.commands.{name}")
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p = sub.add_parser(name, help=COMMANDS[name], description=COMMANDS[name])
+        if name == chosen:
+            module = importlib.import_module(f"medsegdiff.commands.{name}")  # lazy: see the docstring
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     if extra:
         # argparse stops filling a positional `overrides` list at the first option, so

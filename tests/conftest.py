@@ -18,3 +18,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """``(data_root, cache_dir)``: 4 tiny synthetic cases, prepared at 16 x 16 (session-wide; training and stages tests)."""
+    from medsegdiff.config import load_config
+    from medsegdiff.data.preprocess import prepare_dataset
+    from medsegdiff.data.synthetic import generate_dataset
+
+    base = tmp_path_factory.mktemp("train_data")
+    root, cache = base / "data", base / "cache"
+    generate_dataset(root, cases=4, seed=1, shape="tiny")
+    cfg = load_config(None, ["data.image_size=16"])
+    prepare_dataset(root, cache, cfg.data, workers=1, progress=False)
+    return root, cache

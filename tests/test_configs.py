@@ -43,7 +43,7 @@ def test_experiment_loads(path):
 
 @pytest.mark.parametrize("path", [p for p in EXPERIMENTS if is_sweep(p)], ids=lambda p: p.stem)
 def test_sweep_expands(path, tmp_path, monkeypatch):
-    from medsegdiff.experiments.sweep import expand_sweep
+    from medsegdiff.pipeline.sweep import expand_sweep
 
     monkeypatch.chdir(tmp_path)
     sweep = expand_sweep(path)

@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
 
+from medsegdiff.data.cache import Manifest
+from medsegdiff.data.discovery import discover_cases
+from medsegdiff.data.loading import read_image
 from medsegdiff.errors import DataError
 from medsegdiff.utils.io import atomic_write_with
 
@@ -38,10 +43,6 @@ def predict_case(tmax_path: str | Path, out_path: str | Path, threshold: float =
     Raises:
         DataError: the Tmax file is missing, truncated or unreadable.
     """
-    import SimpleITK as sitk
-
-    from medsegdiff.data.loading import read_image
-
     tmax_img = read_image(tmax_path)
     if tmax_img.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(f"Tmax map {tmax_path}: expected a scalar image, got a vector image; check the file")
@@ -50,8 +51,6 @@ def predict_case(tmax_path: str | Path, out_path: str | Path, threshold: float =
 
 def _write_mask(mask_zyx: np.ndarray, geometry_image: Any, out_path: Path) -> Path:
     """Write a uint8 mask with the grid of ``geometry_image`` (a ``sitk.Image``), atomically."""
-    import SimpleITK as sitk
-
     mask = sitk.GetImageFromArray(mask_zyx)
     mask.CopyInformation(geometry_image)
     atomic_write_with(out_path, lambda tmp: sitk.WriteImage(mask, tmp, True), suffix=".nii.gz")
@@ -84,14 +83,10 @@ def tmax_baseline(
         DataError: no data, an unknown requested case, no case with a Tmax map, or an unreadable
             Tmax file.
     """
-    from tqdm import tqdm
-
     data = Path(data)
     out_dir = Path(out_dir)
     if (data / "manifest.json").is_file():
         return _from_cache(data, out_dir, threshold, cases, progress)
-
-    from medsegdiff.data.discovery import discover_cases
 
     result = discover_cases(data, ["tmax"], require_mask=False)
     by_id = {c.case_id: c for c in result.cases}
@@ -125,10 +120,6 @@ def _report_skipped(skipped: list[str], n_written: int, data: Path) -> None:
 
 def _from_cache(cache: Path, out_dir: Path, threshold: float, cases: Sequence[str] | None,
                 progress: bool) -> list[Path]:
-    from tqdm import tqdm
-
-    from medsegdiff.data.cache import Manifest
-
     manifest = Manifest.open(cache)
     ids = _select(manifest.case_ids, cases, cache)
     written, skipped = [], []

@@ -20,6 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from medsegdiff.config.data import DataConfig
+from medsegdiff.data.cache import Manifest, cache_key, modality_window
+from medsegdiff.data.datasets import LesionOversamplingSampler, SliceDataset
+from medsegdiff.data.discovery import discover_cases
+from medsegdiff.data.preprocess import _peak_rss_mb, prepare_case, prepare_dataset, window_normalise
+from medsegdiff.data.synthetic import generate_dataset
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,8 +50,6 @@ def _idle_rss_mb() -> float:
     import SimpleITK  # noqa: F401
 
     import medsegdiff.data.loading  # noqa: F401
-    from medsegdiff.data.preprocess import _peak_rss_mb
-
     return _peak_rss_mb()
 
 
@@ -52,12 +60,6 @@ def _in_fresh_process(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 def _naive_slice(case: Any, z: int, cfg: Any, size: int) -> dict:
     """Read every file of the case again for one slice (SimpleITK), window, resize with torch."""
-    import SimpleITK as sitk
-    import torch
-    import torch.nn.functional as F
-
-    from medsegdiff.data.preprocess import modality_window, window_normalise
-
     chans = []
     for m in cfg.modalities:
         arr = sitk.GetArrayFromImage(sitk.ReadImage(str(case.images[m])))[z].astype(np.float32)
@@ -70,15 +72,6 @@ def _naive_slice(case: Any, z: int, cfg: Any, size: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    from medsegdiff.config.data import DataConfig
-    from medsegdiff.data.cache import Manifest
-    from medsegdiff.data.datasets import LesionOversamplingSampler, SliceDataset
-    from medsegdiff.data.discovery import discover_cases
-    from medsegdiff.data.preprocess import cache_settings, prepare_case, prepare_dataset, settings_hash
-    from medsegdiff.data.synthetic import generate_dataset
-
     torch.set_num_threads(1)  # one DataLoader worker's view: per-process slice throughput
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="medsegdiff-bench-data-"))
     data_root, cache_dir = work / "data", work / "cache"
@@ -92,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cfg = DataConfig(image_size=args.image_size, prepare_workers=1)
         discovered = discover_cases(data_root, cfg.modalities, layout=cfg.layout)
         cases = [c for c in discovered.cases if not c.missing]
-        digest = settings_hash(cache_settings(cfg))
+        digest = cache_key(cfg)
         source = str(data_root.resolve())
 
         idle = _in_fresh_process(_idle_rss_mb)

@@ -1,7 +1,8 @@
 """Training speed: samples/s and peak memory per optimizer step, fp32 vs bf16, eager vs compiled.
 
-One step is what the trainer does: the segmentation objective (diffusion + Dice/BCE terms, full
-schedule) forward and backward, gradient clipping, AdamW, and the EMA update. Inputs are random
+One step is :meth:`medsegdiff.training.trainer.Trainer.run_step` itself: the segmentation objective
+(diffusion + Dice/BCE terms, full schedule) forward and backward, the non-finite check, gradient
+clipping, the optimiser, LR schedule and EMA update. Inputs are random
 tensors of the preset's size (no data needed). Model FLOPs of one step (forward + backward) are
 counted with ``torch.utils.flop_counter.FlopCounterMode``; on a GPU the achieved TFLOP/s are compared
 with the device's dense peak (table in :mod:`medsegdiff.bench.sample`). The naive comparison is the
@@ -13,8 +14,27 @@ Example: ``medsegdiff bench train --preset tiny --size 64 --steps 20``.
 from __future__ import annotations
 
 import argparse
+import itertools
+import platform
+import resource
+import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from medsegdiff.bench.sample import _peak, build_config
+from medsegdiff.config.base import deep_merge, to_dict
+from medsegdiff.config.loader import config_from_dict
+from medsegdiff.diffusion.factory import build_diffusion
+from medsegdiff.diffusion.objective import SegmentationObjective
+from medsegdiff.nets.registry import build_model
+from medsegdiff.tracking.base import NullTracker
+from medsegdiff.training.ema import EMA
+from medsegdiff.training.trainer import Components, Trainer
+from medsegdiff.utils.runtime import resolve_device, torch_threads
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,72 +52,74 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _sync(device: Any) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _setup(cfg: Any, device: Any, batch_size: int, seed: int = 0) -> tuple[Any, ...]:
-    import torch
+class _OneBatch:
+    """A fixed random batch served item by item: the bench needs no data on disk."""
 
-    from medsegdiff.diffusion.factory import build_diffusion
-    from medsegdiff.diffusion.objective import SegmentationObjective
-    from medsegdiff.nets.registry import build_model
-    from medsegdiff.training.ema import EMA
-    from medsegdiff.training.optim import build_optimizer
+    def __init__(self, batch: dict[str, torch.Tensor]) -> None:
+        self.batch = batch
 
-    torch.manual_seed(seed)
-    model = build_model(cfg).to(device)
-    objective = SegmentationObjective(cfg, build_diffusion(cfg.diffusion, respacing="")).to(device)
-    params = [p for p in [*model.parameters(), *objective.parameters()] if p.requires_grad]
-    opt = build_optimizer(params, cfg.optim)
-    ema = EMA(model, cfg.train.ema_rate)
+    def __len__(self) -> int:
+        return len(self.batch["image"])
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        return {k: v[key[0]] for k, v in self.batch.items()}
+
+
+class _Endless:
+    """Sampler keys ``(index, seed)`` over the batch, forever (no epochs, no resume state)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((i % self.n, 0) for i in itertools.count())
+
+
+def _trainer(cfg: Any, out_dir: str, batch_size: int, precision: str, compiled: bool, seed: int = 0) -> Trainer:
+    """A set-up :class:`~medsegdiff.training.trainer.Trainer` on one random batch (the real model and objective)."""
+    cfg = config_from_dict(deep_merge(to_dict(cfg), {
+        "seed": seed, "model": {"compile": compiled}, "data": {"num_workers": 0},
+        "train": {"precision": precision, "batch_size": batch_size, "grad_accum": 1, "validation": {"every": 0}},
+    }))
     g = torch.Generator().manual_seed(seed)
     s = cfg.data.image_size
-    image = torch.randn(batch_size, cfg.data.in_channels, s, s, generator=g)
-    mask = (torch.rand(batch_size, 1, s, s, generator=g) > 0.8).float()
-    batch = {"image": image.to(device), "mask": mask.to(device)}
-    return model, objective, params, opt, ema, batch
+    batch = {"image": torch.randn(batch_size, cfg.data.in_channels, s, s, generator=g),
+             "mask": (torch.rand(batch_size, 1, s, s, generator=g) > 0.8).float()}
 
+    def components(cfg: Any, run_dir: Any, dist_ctx: Any) -> Components:
+        objective = SegmentationObjective(cfg, build_diffusion(cfg.diffusion, respacing=""))
+        return Components(model=build_model(cfg), objective=objective, dataset=_OneBatch(batch),
+                          sampler=_Endless(batch_size))
 
-def _one_step(model, objective, params, opt, ema, batch, step, device, precision, fwd) -> None:
-    import torch
-
-    from medsegdiff.utils.runtime import autocast
-
-    opt.zero_grad(set_to_none=True)
-    with autocast(device, precision):
-        out = fwd(batch, step)
-    out.loss.float().backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    ema.update(model)
+    trainer = Trainer(cfg, out_dir, components=components, tracker=NullTracker())
+    trainer.setup()
+    return trainer
 
 
 def _variant(cfg, device, args, precision: str, compiled: bool) -> dict[str, Any]:
-    import torch
-
-    model, objective, params, opt, ema, batch = _setup(cfg, device, args.batch_size)
-
-    net = torch.compile(model) if compiled else model  # as the trainer does: the network only
-
-    def run_fwd(b, s):
-        return objective(net, b, s)
-
-    try:
-        for s in range(args.warmup):
-            _one_step(model, objective, params, opt, ema, batch, s, device, precision, run_fwd)
-    except Exception as err:  # compilation needs a C++ toolchain; report instead of failing the bench
-        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for s in range(args.steps):
-        _one_step(model, objective, params, opt, ema, batch, args.warmup + s, device, precision, run_fwd)
-    _sync(device)
-    dt = (time.perf_counter() - t0) / args.steps
+    """ms per :meth:`Trainer.run_step <medsegdiff.training.trainer.Trainer.run_step>` (what training does)."""
+    with tempfile.TemporaryDirectory() as out:
+        trainer = _trainer(cfg, out, args.batch_size, precision, compiled)
+        try:
+            try:
+                for _ in range(args.warmup):
+                    trainer.run_step()
+            except Exception as err:  # compilation needs a C++ toolchain; report instead of failing the bench
+                return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                trainer.run_step()
+            _sync(device)
+            dt = (time.perf_counter() - t0) / args.steps
+        finally:
+            trainer.close()
     res = {"step_ms": round(dt * 1000, 2), "samples_per_s": round(args.batch_size / dt, 2)}
     if device.type == "cuda":
         res["peak_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -105,21 +127,19 @@ def _variant(cfg, device, args, precision: str, compiled: bool) -> dict[str, Any
 
 
 def _step_flops(cfg, device, batch_size: int) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model, objective, params, opt, ema, batch = _setup(cfg, device, batch_size)
-    with FlopCounterMode(display=False) as counter:
-        objective(model, batch, 0).loss.backward()
+    """FLOPs of one step's forward and backward (:meth:`Trainer.forward_backward`)."""
+    with tempfile.TemporaryDirectory() as out:
+        trainer = _trainer(cfg, out, batch_size, "fp32", False)
+        try:
+            with FlopCounterMode(display=False) as counter:
+                trainer.forward_backward()
+        finally:
+            trainer.close()
     return float(counter.get_total_flops())
 
 
 def _ema_compare(cfg, device, reps: int = 50) -> dict[str, float]:
     """ms per EMA update: fused foreach lerp vs upstream's per-parameter Python loop."""
-    import torch
-
-    from medsegdiff.nets.registry import build_model
-    from medsegdiff.training.ema import EMA
-
     model = build_model(cfg).to(device)
     ema = EMA(model, 0.999)
     shadow = [p.detach().clone() for p in model.parameters()]
@@ -141,16 +161,6 @@ def _ema_compare(cfg, device, reps: int = 50) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import platform
-    import resource
-
-    import torch
-
-    from medsegdiff.bench.sample import _peak, build_config
-    from medsegdiff.config.base import deep_merge, to_dict
-    from medsegdiff.config.loader import config_from_dict
-    from medsegdiff.utils.runtime import resolve_device, torch_threads
-
     device = resolve_device(args.device)
     cfg = build_config(args.preset, args.model, args.size, args.channels, "ddim10")
     cfg = config_from_dict(deep_merge(to_dict(cfg), {"device": str(device), "train": {"ema_rate": 0.999}}))
@@ -161,8 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads or torch.get_num_threads(),
     }
     with torch_threads(args.threads or None):
-        params = sum(p.numel() for p in __import__("medsegdiff.nets.registry", fromlist=["build_model"])
-                     .build_model(cfg).parameters())
+        params = sum(p.numel() for p in build_model(cfg).parameters())
         result["parameters"] = params
         flops = _step_flops(cfg, device, args.batch_size)
         result["gflop_per_step"] = round(flops / 1e9, 3)

@@ -1,6 +1,26 @@
-"""CLI sub-commands; see :mod:`medsegdiff.cli` for the contract."""
+"""CLI sub-commands; see :mod:`medsegdiff.cli` for the contract.
+
+Each ``medsegdiff/commands/<name>.py`` provides ``add_arguments(parser)`` and ``run(args) -> int``;
+its one-line help is in :data:`COMMANDS` here, so that ``medsegdiff --help`` lists every command
+without importing any (the command modules import torch and the rest of the library at the top).
+"""
 
 from __future__ import annotations
+
+# name -> one-line help, in the order shown by ``medsegdiff --help``
+COMMANDS: dict[str, str] = {
+    "run": "run an experiment end to end: prepare data, train, predict held-out cases, evaluate vs Tmax baseline",
+    "synth": "write a synthetic ISLES24 look-alike dataset (real .nii.gz tree in either release layout)",
+    "prepare": "preprocess ISLES24 cases (windows, normalisation, resampling) into a memory-mapped cache",
+    "train": "train a model (prepares the data cache if needed); --resume continues a killed run exactly",
+    "predict": "predict lesion masks (+ probability, uncertainty, overlays) for cases with a checkpoint",
+    "calibrate": "calibrate the probability threshold on validation cases (best mean Dice) and store it in the run",
+    "evaluate": "score predicted masks with the official ISLES24 metrics (per-case CSV + summary)",
+    "baseline": "official simple baseline (tmax: lesion = Tmax > 9 s) written as sub-strokeNNNN.nii.gz masks",
+    "sweep": "expand a sweep (base experiment + grid) and run it locally or write torchrun/SLURM scripts",
+    "bench": "benchmarks (JSON): data, model, train, sample",
+    "config": "validate a config (blocks + overrides) and print the resolved YAML",
+}
 
 
 def split_case_ids(values: list[str] | str | None) -> list[str] | None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "official simple baseline (tmax: lesion = Tmax > 9 s) written as sub-strokeNNNN.nii.gz masks"
+from medsegdiff.baselines.tmax import tmax_baseline
+from medsegdiff.commands import split_case_ids
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,9 +19,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medsegdiff.baselines.tmax import tmax_baseline
-    from medsegdiff.commands import split_case_ids
-
     written = tmax_baseline(
         args.data, args.out, threshold=args.threshold, cases=split_case_ids(args.cases), progress=not args.no_progress
     )

@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import json
 
-HELP = "benchmarks (JSON): data, model, train, sample"
+from medsegdiff.utils.io import atomic_write_json
 
 PARTS = ("data", "model", "train", "sample")
 
@@ -35,8 +35,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medsegdiff.utils.io import atomic_write_json
-
     if not getattr(args, "part", None):
         print("medsegdiff bench: choose a part: " + ", ".join(available_parts()))
         return 1

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-HELP = "calibrate the probability threshold on validation cases (best mean Dice) and store it in the run"
+from medsegdiff.commands import split_case_ids
+from medsegdiff.stages.calibrate import calibrate_checkpoint, validation_cases
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,11 +26,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from medsegdiff.commands import split_case_ids
-    from medsegdiff.inference.calibration import calibrate_checkpoint, validation_cases
-
     ckpt = Path(args.checkpoint)
     ckpt_run = ckpt if ckpt.is_dir() else ckpt.parent.parent
     run_dir = Path(args.run_dir) if args.run_dir else ckpt_run

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "validate a config (blocks + overrides) and print the resolved YAML"
+from medsegdiff.config import ExperimentConfig, describe, dump_config, load_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,8 +14,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medsegdiff.config import ExperimentConfig, describe, dump_config, load_config
-
     if args.keys:
         for key, tp, default, doc in describe(ExperimentConfig):
             print(f"{key:40s} {tp:35s} {default!r:25s} {doc}")

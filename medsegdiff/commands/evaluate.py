@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 
-HELP = "score predicted masks with the official ISLES24 metrics (per-case CSV + summary)"
+from medsegdiff.commands import split_case_ids
+from medsegdiff.evaluation.evaluate import evaluate, format_table
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,11 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from medsegdiff.commands import split_case_ids
-    from medsegdiff.evaluation.evaluate import evaluate, format_table
-
     summary = evaluate(
         args.pred, args.gt, args.out,
         iou_threshold=args.iou_threshold,

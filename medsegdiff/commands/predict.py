@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "predict lesion masks (+ probability, uncertainty, overlays) for cases with a checkpoint"
+from medsegdiff.commands import split_case_ids
+from medsegdiff.inference.predict import predict
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,9 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medsegdiff.commands import split_case_ids
-    from medsegdiff.inference.predict import predict
-
     cases = split_case_ids(args.cases)
     data = args.data[0] if len(args.data) == 1 else args.data
     written = predict(args.checkpoint, data, args.out, overrides=args.overrides, cases=cases,

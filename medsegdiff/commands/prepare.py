@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "preprocess ISLES24 cases (windows, normalisation, resampling) into a memory-mapped cache"
+from medsegdiff.config import load_config
+from medsegdiff.data.preprocess import prepare_dataset
+from medsegdiff.errors import ConfigError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,10 +20,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medsegdiff.config import load_config
-    from medsegdiff.data.preprocess import prepare_dataset
-    from medsegdiff.errors import ConfigError
-
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers: got {args.workers}; allowed: an integer >= 1")
     cfg = load_config(args.config, args.overrides)

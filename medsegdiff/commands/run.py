@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-HELP = "run an experiment end to end: prepare data, train, predict held-out cases, evaluate vs Tmax baseline"
+from medsegdiff.config import load_config
+from medsegdiff.pipeline.run import parse_stages, run_experiment
+from medsegdiff.utils.console import setup_console_logging
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,26 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="show INFO log messages on the console")
 
 
-def setup_console_logging(verbose: bool) -> None:
-    import logging
-
-    root = logging.getLogger()
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
-    for h in root.handlers:
-        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-            h.setLevel(logging.INFO if verbose else logging.WARNING)
-
-
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-    from medsegdiff.config import load_config
-    from medsegdiff.experiments.pipeline import parse_stages, run_experiment
-
     setup_console_logging(args.verbose)
     stages = parse_stages(args.stages)
     reference = load_config(args.experiment)

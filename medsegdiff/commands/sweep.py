@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "expand a sweep (base experiment + grid) and run it locally or write torchrun/SLURM scripts"
+from medsegdiff.pipeline.sweep import (
+    describe_runs,
+    expand_sweep,
+    index_entries,
+    run_local,
+    write_index,
+    write_scripts,
+)
+from medsegdiff.utils.console import setup_console_logging
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,16 +27,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medsegdiff.commands.run import setup_console_logging
-    from medsegdiff.experiments.sweep import (
-        describe_runs,
-        expand_sweep,
-        index_entries,
-        run_local,
-        write_index,
-        write_scripts,
-    )
-
     setup_console_logging(False)
     sweep = expand_sweep(args.sweep, out=args.out, extra=args.overrides)
     launcher = args.launcher or sweep.spec.launcher

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "write a synthetic ISLES24 look-alike dataset (real .nii.gz tree in either release layout)"
+from medsegdiff.data.synthetic import generate_dataset
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,8 +20,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medsegdiff.data.synthetic import generate_dataset
-
     ids = generate_dataset(args.out, cases=args.cases, seed=args.seed, layout=args.layout, shape=args.shape,
                            ctp=args.ctp, progress=not args.no_progress)
     print(f"wrote {len(ids)} synthetic cases ({args.layout} layout) to {args.out}: {', '.join(ids)}")

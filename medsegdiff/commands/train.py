@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
 
-HELP = "train a model (prepares the data cache if needed); --resume continues a killed run exactly"
+from medsegdiff.config import ExperimentConfig, load_config
+from medsegdiff.errors import CheckpointError, ConfigError
+from medsegdiff.pipeline.rundir import init_shared_run_dir
+from medsegdiff.stages.layout import RunDir
+from medsegdiff.stages.train import train
+from medsegdiff.utils.console import env_rank, setup_console_logging
 
 _LATEST = "__latest__"
+logger = logging.getLogger("medsegdiff.commands")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,20 +30,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="show INFO log messages on the console")
 
 
+def resolve_run(
+    config: str | None,
+    overrides: list[str],
+    *,
+    run_dir: str | None = None,
+    resume: bool = False,
+    resume_dir: str | None = None,
+    command: list[str] | None = None,
+) -> tuple[RunDir, ExperimentConfig]:
+    """The config and the (created or reopened) run directory of a ``medsegdiff train`` command line.
+
+    ``config`` may be omitted with ``resume_dir`` (its ``config.yaml`` is used). An override given
+    where the config belongs (``medsegdiff train --resume DIR k=v``) is treated as an override.
+    Every rank of a torchrun launch gets the same run directory.
+
+    Raises:
+        ConfigError: no config and no run directory to resume.
+        CheckpointError: ``resume_dir`` is not a run directory, or resuming with changed
+            model/data/diffusion settings.
+    """
+    if config is not None and "=" in config and not Path(config).is_file():
+        overrides, config = [config, *overrides], None
+    if config is None:
+        if resume_dir is None:
+            raise ConfigError("medsegdiff train needs a config file (e.g. experiments/quickstart.yaml) "
+                              "or --resume RUN_DIR")
+        config = str(Path(resume_dir) / "config.yaml")
+        if not Path(config).is_file():
+            raise CheckpointError(f"{config}: not a run directory (no config.yaml); check the --resume path")
+    reference = load_config(config)
+    cfg = load_config(config, overrides)
+    target = run_dir or resume_dir
+    if target:
+        cfg = dataclasses.replace(cfg, run_dir=str(target))
+        reference = dataclasses.replace(reference, run_dir=str(target))
+    return init_shared_run_dir(cfg, reference, resume=resume, command=command)
+
+
 def run(args: argparse.Namespace) -> int:
-    import json
-    import sys
-
-    from medsegdiff.commands.run import setup_console_logging
-    from medsegdiff.training.trainer import train_from_cli
-
     setup_console_logging(args.verbose)
     resume_dir = None if args.resume in (None, _LATEST) else args.resume
-    result = train_from_cli(
-        args.config, list(args.overrides), run_dir=args.run_dir, resume=args.resume is not None,
-        resume_dir=resume_dir, command=["medsegdiff", *sys.argv[1:]],
-    )
-    if result is not None:
+    rd, cfg = resolve_run(args.config, list(args.overrides), run_dir=args.run_dir, resume=args.resume is not None,
+                          resume_dir=resume_dir, command=["medsegdiff", *sys.argv[1:]])
+    result = train(cfg, rd, resume=args.resume is not None)
+    if env_rank() == 0:
         print(json.dumps({
             "run_dir": str(result.run_dir), "steps": result.steps, "stopped_by": result.stopped_by,
             "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,

@@ -16,6 +16,7 @@ Each message names the full dotted key, the value received and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -54,8 +55,6 @@ def option(
 
 
 def _deepcopy(value: Any) -> Any:
-    import copy
-
     return copy.deepcopy(value)
 
 

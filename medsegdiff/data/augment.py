@@ -16,6 +16,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import get_track_meta, set_track_meta
+from monai.transforms import (
+    Compose,
+    RandFlipd,
+    RandRotated,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandZoomd,
+)
 
 from medsegdiff.config.data import AugmentConfig
 
@@ -37,15 +46,6 @@ def build_augment(cfg: AugmentConfig, *, spatial_dims: int = 2, image_key: str =
     Returns:
         ``monai.transforms.Compose`` or None when ``cfg.enabled`` is false or every probability is 0.
     """
-    from monai.transforms import (
-        Compose,
-        RandFlipd,
-        RandRotated,
-        RandScaleIntensityd,
-        RandShiftIntensityd,
-        RandZoomd,
-    )
-
     if not cfg.enabled:
         return None
     keys = [image_key, mask_key]
@@ -85,8 +85,6 @@ def augment_sample(transform: Any, sample: dict[str, Any], seed: int, *, image_k
     """
     if transform is None:
         return sample
-    from monai.data import get_track_meta, set_track_meta
-
     # One RandomState shared by every transform (consumed in a fixed order): deterministic per seed,
     # and 15x cheaper than Compose.set_random_state, which builds a new RandomState per transform.
     state = np.random.RandomState(int(seed) % (2**32))

@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from medsegdiff.errors import DataError
+from medsegdiff.config.data import DEFAULT_WINDOWS, DataConfig
+from medsegdiff.data.loading import Geometry
+from medsegdiff.errors import ConfigError, DataError
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -38,6 +40,61 @@ def settings_hash(settings: Mapping[str, Any]) -> str:
     """Stable short hash (16 hex digits) of the preprocessing settings (canonical JSON, sorted keys)."""
     blob = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def modality_window(data_cfg: DataConfig, modality: str) -> tuple[float, float]:
+    """``data.windows[modality]``, falling back to the published default window of that modality.
+
+    (A YAML ``data.windows: {cbf: [0, 70]}`` replaces the whole mapping, so the other modalities
+    keep their defaults through this fallback.)
+
+    Raises:
+        ConfigError: no window given and no default for the modality.
+    """
+    window = data_cfg.windows.get(modality, DEFAULT_WINDOWS.get(modality))
+    if window is None:
+        raise ConfigError(f"config key 'data.windows.{modality}' is missing; give [low, high] for every "
+                          "modality in data.modalities")
+    return float(window[0]), float(window[1])
+
+
+def cache_settings(data_cfg: DataConfig) -> dict[str, Any]:
+    """The preprocessing settings that determine the cache content (their hash names the cache).
+
+    Raises:
+        ConfigError: a modality has no window.
+    """
+    windows = {m: list(modality_window(data_cfg, m)) for m in data_cfg.modalities}
+    return {
+        "format": CACHE_FORMAT,
+        "modalities": list(data_cfg.modalities),
+        "windows": windows,
+        "equalize": bool(data_cfg.equalize),
+        "brain_mask": bool(data_cfg.brain_mask),
+        "brain_mask_source": data_cfg.brain_mask_source if data_cfg.brain_mask else None,
+        "mask_resample": data_cfg.mask_resample,
+        "image_size": int(data_cfg.image_size),
+        "grid_tolerance": float(data_cfg.grid_tolerance),
+        "layout": data_cfg.layout,
+    }
+
+
+def cache_key(data_cfg: DataConfig) -> str:
+    """The manifest hash a cache prepared with ``data_cfg`` carries (:func:`settings_hash` of :func:`cache_settings`).
+
+    Raises:
+        ConfigError: a modality has no window.
+    """
+    return settings_hash(cache_settings(data_cfg))
+
+
+def cache_dir_name(data_cfg: DataConfig, data_root: str | os.PathLike[str]) -> str:
+    """Folder name of the cache of ``data_root`` under ``data_cfg`` (the pipeline's ``<run_root>/cache/<name>``).
+
+    Raises:
+        ConfigError: a modality has no window.
+    """
+    return settings_hash({"settings": cache_settings(data_cfg), "root": str(Path(data_root).resolve())})
 
 
 def read_done(case_dir: Path) -> dict[str, Any] | None:
@@ -114,15 +171,11 @@ class CachedCase:
     @property
     def native_geometry(self) -> Any:
         """:class:`~medsegdiff.data.loading.Geometry` of the original NCCT grid."""
-        from medsegdiff.data.loading import Geometry
-
         return Geometry.from_dict(self.record["native_geometry"])
 
     @property
     def cache_geometry(self) -> Any:
         """:class:`~medsegdiff.data.loading.Geometry` of the cache grid (same origin/direction/extent)."""
-        from medsegdiff.data.loading import Geometry
-
         return Geometry.from_dict(self.record["cache_geometry"])
 
     @cached_property
@@ -188,7 +241,7 @@ class Manifest:
             cache_dir: the folder given to ``medsegdiff prepare --out``.
             expected_hash: if given, the manifest hash must equal it.
             data_cfg: a ``DataConfig``; if given, the cache must have been prepared with the same
-                preprocessing settings (hash of :func:`~medsegdiff.data.preprocess.cache_settings`).
+                preprocessing settings (hash of :func:`cache_settings`).
 
         Raises:
             DataError: missing, unreadable, stale (settings changed) or incomplete cache; the message
@@ -207,9 +260,7 @@ class Manifest:
             raise DataError(f"{path}: cache format {data.get('format_version') if isinstance(data, dict) else '?'} "
                             f"is not the current format {CACHE_FORMAT}; {hint} to rebuild it")
         if data_cfg is not None:
-            from medsegdiff.data.preprocess import cache_settings
-
-            expected_hash = settings_hash(cache_settings(data_cfg))
+            expected_hash = cache_key(data_cfg)
         if expected_hash is not None and data.get("hash") != expected_hash:
             raise DataError(f"{path}: the cache is stale (prepared with settings {data.get('hash')}, the config "
                             f"needs {expected_hash}); {hint} with the current config to rebuild it")
@@ -278,4 +329,7 @@ class Manifest:
         return state
 
 
-__all__ = ["CACHE_FORMAT", "CachedCase", "Manifest", "read_done", "settings_hash"]
+__all__ = [
+    "CACHE_FORMAT", "CachedCase", "Manifest", "cache_dir_name", "cache_key", "cache_settings", "modality_window",
+    "read_done", "settings_hash",
+]

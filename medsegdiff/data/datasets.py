@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from medsegdiff.config.data import AugmentConfig
+from medsegdiff.data.augment import augment_sample, build_augment
 from medsegdiff.data.cache import CachedCase, Manifest
 from medsegdiff.errors import DataError
 
@@ -67,8 +68,6 @@ class _CacheDataset(Dataset):
     def _augment(self, sample: dict[str, Any], index: int, sample_seed: int | None) -> dict[str, Any]:
         if self.augment_cfg is None:
             return sample
-        from medsegdiff.data.augment import augment_sample, build_augment
-
         if self._transform is None:
             self._transform = build_augment(self.augment_cfg, spatial_dims=self.spatial_dims)
         seed = sample_seed if sample_seed is not None else _derived_seed(self.seed, index)

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from medsegdiff.config.data import DEFAULT_WINDOWS, DataConfig
+from medsegdiff.config.data import DataConfig
 from medsegdiff.data.cache import (
     CACHE_FORMAT,
     DONE,
@@ -51,10 +51,12 @@ from medsegdiff.data.cache import (
     MASK,
     NATIVE,
     Manifest,
+    cache_settings,
+    modality_window,
     read_done,
     settings_hash,
 )
-from medsegdiff.errors import ConfigError, DataError
+from medsegdiff.errors import DataError
 from medsegdiff.utils.io import atomic_open, atomic_write_json
 
 PERFUSION = ("cbf", "cbv", "mtt", "tmax")
@@ -64,43 +66,6 @@ EQUALIZE_BINS = 256
 
 # --------------------------------------------------------------------------------------------
 # Settings
-
-
-def modality_window(data_cfg: DataConfig, modality: str) -> tuple[float, float]:
-    """``data.windows[modality]``, falling back to the published default window of that modality.
-
-    (A YAML ``data.windows: {cbf: [0, 70]}`` replaces the whole mapping, so the other modalities
-    keep their defaults through this fallback.)
-
-    Raises:
-        ConfigError: no window given and no default for the modality.
-    """
-    window = data_cfg.windows.get(modality, DEFAULT_WINDOWS.get(modality))
-    if window is None:
-        raise ConfigError(f"config key 'data.windows.{modality}' is missing; give [low, high] for every "
-                          "modality in data.modalities")
-    return float(window[0]), float(window[1])
-
-
-def cache_settings(data_cfg: DataConfig) -> dict[str, Any]:
-    """The preprocessing settings that determine the cache content (their hash names the cache).
-
-    Raises:
-        ConfigError: a modality has no window.
-    """
-    windows = {m: list(modality_window(data_cfg, m)) for m in data_cfg.modalities}
-    return {
-        "format": CACHE_FORMAT,
-        "modalities": list(data_cfg.modalities),
-        "windows": windows,
-        "equalize": bool(data_cfg.equalize),
-        "brain_mask": bool(data_cfg.brain_mask),
-        "brain_mask_source": data_cfg.brain_mask_source if data_cfg.brain_mask else None,
-        "mask_resample": data_cfg.mask_resample,
-        "image_size": int(data_cfg.image_size),
-        "grid_tolerance": float(data_cfg.grid_tolerance),
-        "layout": data_cfg.layout,
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +237,7 @@ def resample_inplane(volume: np.ndarray | list[np.ndarray], native: Any, target:
         volume = volume.pop()
     if mode == "nearest":
         img = _to_sitk(np.ascontiguousarray(volume, dtype=np.uint8), native)
-        out = sitk.Resample(img, _reference(target), sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        out = sitk.Resample(img, target.reference_image(), sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         return sitk.GetArrayFromImage(out)
     arr = np.ascontiguousarray(volume, dtype=np.float32)
     img = _to_sitk(arr, native)
@@ -281,24 +246,12 @@ def resample_inplane(volume: np.ndarray | list[np.ndarray], native: Any, target:
         sigma = (float(target.spacing[axis]) - float(native.spacing[axis])) / 2
         if sigma > 0:
             img = sitk.RecursiveGaussian(img, sigma, False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
-    out = sitk.Resample(img, _reference(target), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    out = sitk.Resample(img, target.reference_image(), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     del img
     res = sitk.GetArrayFromImage(out)
     if mode == "soft":
         return (res >= 0.5).astype(np.uint8)
     return res
-
-
-def _reference(geometry: Any) -> Any:
-    if hasattr(geometry, "reference_image"):
-        return geometry.reference_image()
-    import SimpleITK as sitk  # pragma: no cover - Geometry always has reference_image
-
-    ref = sitk.Image([int(v) for v in geometry.size], sitk.sitkUInt8)
-    ref.SetSpacing(geometry.spacing)
-    ref.SetOrigin(geometry.origin)
-    ref.SetDirection(geometry.direction)
-    return ref
 
 
 # --------------------------------------------------------------------------------------------

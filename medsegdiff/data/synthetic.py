@@ -82,7 +82,9 @@ follow-up DWI/ADC, LVO / Circle-of-Willis masks.
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import json
 import math
 import os
@@ -95,6 +97,9 @@ from typing import Any, Literal
 from xml.sax.saxutils import escape
 
 import numpy as np
+import SimpleITK as sitk
+from scipy.ndimage import gaussian_filter
+from tqdm import tqdm
 
 from medsegdiff.errors import DataError
 from medsegdiff.utils.io import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -189,8 +194,6 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 def _soften(mask: np.ndarray, spacing_zyx: Sequence[float], sigma_mm: float = 1.0) -> np.ndarray:
     """Soft membership in [0, 1]: the binary ``mask`` blurred by a Gaussian of ``sigma_mm`` (bounding box only)."""
-    from scipy.ndimage import gaussian_filter
-
     out = np.zeros(mask.shape, np.float32)
     if not mask.any():
         return out
@@ -494,8 +497,6 @@ def _write_nifti(path: Path, arr: np.ndarray, spec: CaseSpec, *, origin: Sequenc
     ``scl_slope`` patches the header field (byte offset 112 of the uncompressed NIfTI-1 header)
     after SimpleITK wrote the file, since SimpleITK always writes slope 1.
     """
-    import SimpleITK as sitk
-
     is_vector = arr.ndim == 4
     if is_vector:  # 4-D CTP: (T, Z, Y, X) -> 4-D image (x, y, z, t)
         img = sitk.JoinSeries([sitk.GetImageFromArray(a) for a in arr])
@@ -586,9 +587,6 @@ def write_xlsx(path: str | os.PathLike[str], header: Sequence[str], rows: Sequen
 
 
 def _write_csv(path: Path, header: Sequence[str], row: Sequence[Any]) -> None:
-    import csv
-    import io
-
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -743,8 +741,6 @@ def generate_dataset(
     specs = []
     iterator: Any = range(cases)
     if progress:
-        from tqdm import tqdm
-
         iterator = tqdm(iterator, desc="synth", unit="case")
     for i in iterator:
         rng = np.random.default_rng([int(seed), i + 1])

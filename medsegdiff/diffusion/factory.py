@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from improved_diffusion.script_util import create_gaussian_diffusion
 from medsegdiff.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -31,8 +32,6 @@ def build_diffusion(cfg: DiffusionConfig, respacing: str = "") -> SpacedDiffusio
     Raises:
         ConfigError: a schedule or respacing that cannot be built (e.g. ``ddim37`` at T=1000).
     """
-    from improved_diffusion.script_util import create_gaussian_diffusion
-
     try:
         return create_gaussian_diffusion(
             steps=cfg.steps,

@@ -30,9 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from medsegdiff.data.discovery import discover_cases
 from medsegdiff.errors import DataError
 from medsegdiff.metrics.isles24 import METRIC_KEYS, OFFICIAL_METRICS, case_metrics, summarize
 from medsegdiff.utils.io import atomic_write_json, atomic_write_text, atomic_write_with
+from medsegdiff.utils.jsonable import json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +94,6 @@ def find_references(gt: str | Path) -> dict[str, Path]:
     found = _case_files(gt, "reference")
     if found:
         return found
-    try:
-        from medsegdiff.data.discovery import discover_cases
-    except ImportError:  # pragma: no cover - the data part ships discovery
-        raise DataError(
-            f"reference {gt}: no sub-strokeNNNN.nii.gz masks in it and data-root discovery is unavailable"
-        ) from None
     result = discover_cases(gt, [], layout="auto")
     refs = {c.case_id: Path(c.mask) for c in result.cases if getattr(c, "mask", None)}
     if not refs:
@@ -281,19 +277,8 @@ def evaluate(
         "metrics": summarize(rows),
         "volume_scatter_max_ml": vmax,
     }
-    atomic_write_json(out_dir / "summary.json", _json_safe(summary))
+    atomic_write_json(out_dir / "summary.json", json_safe(summary))
     return {**summary, "cases": rows}
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN -> None so summary.json is strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:

@@ -78,73 +78,6 @@ def pick_best(table: Sequence[dict[str, float]]) -> float:
     return float(best["threshold"])
 
 
-def calibrate_checkpoint(
-    checkpoint: str | os.PathLike[str],
-    data: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-    cases: Sequence[str] | None = None,
-    *,
-    overrides: Sequence[str] = (),
-    run_dir: str | os.PathLike[str] | None = None,
-    thresholds: Sequence[float] | np.ndarray = DEFAULT_THRESHOLDS,
-    progress: bool = True,
-) -> tuple[float, list[dict[str, float]], Path]:
-    """Sample validation cases with ``checkpoint``, sweep thresholds, save ``calibration.json``.
-
-    The sweep is on the native grid against ``CachedCase.native_mask()``, with the same combination
-    (``inference.combine``) predict uses: for ``mean`` the probability is thresholded directly; for
-    ``vote`` and ``staple`` (whose combination depends on the member threshold) the members are
-    recombined for every candidate threshold.
-
-    Args:
-        checkpoint: ``.pt`` file or run directory.
-        data: a prepared cache (or raw data; prepared into ``<run_dir>/calibration_cache``).
-        cases: validation case ids (default: every case of ``data``).
-        overrides: prediction-time overrides (as for ``predict``).
-        run_dir: where ``calibration.json`` goes; default: the checkpoint's run directory.
-        thresholds: candidate thresholds.
-        progress: progress bars.
-
-    Returns:
-        ``(best_threshold, table, path of calibration.json)``.
-
-    Raises:
-        CheckpointError, ConfigError, DataError: as :func:`medsegdiff.inference.predict.predict`.
-    """
-    from medsegdiff.inference import ensemble as ens
-    from medsegdiff.inference.export import to_native
-    from medsegdiff.inference.predict import Predictor, resolve_sources
-
-    ckpt_path = Path(checkpoint)
-    if run_dir is None:
-        run_dir = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent.parent
-    run_dir = Path(run_dir)
-    pred = Predictor.load(ckpt_path, [*overrides, "inference.use_calibrated_threshold=false"])
-    method = pred.cfg.inference.combine
-    sources = resolve_sources(data, run_dir / "calibration_cache", pred.cfg, cases, progress)
-    members, geos, gts, vvs, ids = [], [], [], [], []
-    for src in sources:
-        for cid in src.case_ids:
-            case = src.manifest.case(cid)
-            members.append(pred.members(src.manifest, cid, progress=progress))
-            geos.append((case.cache_geometry, case.native_geometry))
-            gts.append(case.native_mask())
-            vvs.append(case.native_geometry.voxel_volume_ml)
-            ids.append(cid)
-    if method == "mean":
-        probs = [to_native(ens.combine_mean(m), cg, ng) for m, (cg, ng) in zip(members, geos)]
-        best, table = calibrate_threshold(probs, gts, vvs, thresholds)
-    else:
-        table = []
-        for thr in np.asarray(thresholds, dtype=np.float64):
-            masks = [ens.binarize(to_native(ens.combine(m, method, float(thr)), cg, ng), float(thr), method)
-                     .astype(np.float32) for m, (cg, ng) in zip(members, geos)]
-            table.append(calibrate_threshold(masks, gts, vvs, [thr])[1][0])
-        best = pick_best(table)
-    path = save_calibration(run_dir, best, table, combine=method, cases=ids, checkpoint=str(ckpt_path),
-                            step=pred.ckpt.get("step"), respacing=pred.respacing, members=pred.members_per_case)
-    return best, table, path
-
-
 def save_calibration(
     run_dir: str | os.PathLike[str], threshold: float, table: list[dict[str, float]], **meta: Any
 ) -> Path:
@@ -195,14 +128,4 @@ def find_calibration(checkpoint: str | os.PathLike[str], ckpt: dict[str, Any] | 
     return None
 
 
-__all__ = ["CALIBRATION_FILE", "calibrate_checkpoint", "calibrate_threshold", "pick_best", "find_calibration", "save_calibration", "volume_dice"]
-
-
-def validation_cases(run_dir: str | os.PathLike[str]) -> list[str] | None:
-    """The validation case ids of a run (``<run>/splits.json``), or None when it has no split."""
-    from medsegdiff.data.splits import Splits
-
-    path = Path(run_dir) / "splits.json"
-    if not path.is_file():
-        return None
-    return list(Splits.load(path).val) or None
+__all__ = ["CALIBRATION_FILE", "calibrate_threshold", "find_calibration", "pick_best", "save_calibration", "volume_dice"]

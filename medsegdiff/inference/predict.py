@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from medsegdiff.data.cache import cache_key
 from medsegdiff.errors import CheckpointError, ConfigError, DataError
 
 #: Keys that may be overridden at prediction time (everything else comes from the checkpoint).
@@ -91,12 +92,7 @@ def _check_cache_fits(manifest: Any, cfg: Any, path: Path) -> None:
             f"{path}: the data has modalities {have} but the checkpoint was trained on {want}; "
             "pass data with those modalities (or the raw dataset root so it is prepared with the checkpoint's settings)"
         )
-    try:
-        from medsegdiff.data.cache import settings_hash
-        from medsegdiff.data.preprocess import cache_settings
-    except ImportError:  # pragma: no cover - preprocess always ships with the cache
-        return
-    expected = settings_hash(cache_settings(cfg.data))
+    expected = cache_key(cfg.data)
     if manifest.hash != expected:
         raise DataError(
             f"{path}: this cache was prepared with other preprocessing settings ({manifest.hash}) than the "

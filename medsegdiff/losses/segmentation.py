@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceLoss
 from torch import Tensor
 
 _EPS = 1e-6
@@ -51,8 +52,6 @@ def dice_bce_terms(
     Raises:
         ValueError: shapes differ or ``weights`` is not ``(B,)``.
     """
-    from monai.losses import DiceLoss
-
     if prob_or_logits.shape != target.shape:
         raise ValueError(
             f"dice_bce_terms: prediction shape {tuple(prob_or_logits.shape)} differs from target "

@@ -22,7 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from medsegdiff.errors import CheckpointError
+from medsegdiff.config import config_from_dict, to_dict
+from medsegdiff.errors import CheckpointError, ConfigError
+from medsegdiff.nets.registry import build_model
+from medsegdiff.training.distributed import all_gather_objects
 from medsegdiff.utils.io import atomic_write_bytes
 
 FORMAT_VERSION = 1
@@ -57,7 +60,7 @@ def capture_rng() -> dict[str, Any]:
 def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"].cpu() if hasattr(state["torch"], "cpu") else state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         cuda = [s.cpu() for s in state["cuda"]]  # a checkpoint loaded with map_location=cuda moved them
         if len(cuda) == torch.cuda.device_count():
@@ -152,10 +155,6 @@ def load_for_inference(
     Raises:
         CheckpointError: not a medsegdiff checkpoint, truncated, or incompatible with the model.
     """
-    from medsegdiff.config import config_from_dict
-    from medsegdiff.errors import ConfigError
-    from medsegdiff.nets.registry import build_model
-
     path = Path(path)
     if path.is_dir():
         cand = best_path(path)
@@ -180,3 +179,54 @@ def load_for_inference(
         raise CheckpointError(f"{path}: weights do not fit the model built from its config ({first})") from None
     model.to(torch.device(device)).eval()
     return model, cfg, ckpt
+
+
+def training_state(trainer: Any) -> dict[str, Any]:
+    """The checkpoint dict of a running :class:`~medsegdiff.training.trainer.Trainer` (keys above).
+
+    A collective under DDP (the RNG states of every rank are gathered): every rank calls it.
+    """
+    rng = capture_rng()
+    if trainer.dist.distributed:
+        rng = {"per_rank": all_gather_objects(trainer.dist, rng)}
+    return {
+        "model": trainer.model.state_dict(),
+        "ema": trainer.ema.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "lr_scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
+        "objective": trainer.objective.state_dict(),
+        "step": trainer.step,
+        "rng": rng,
+        "sampler": trainer.cursor.state,
+        "best": dict(trainer.best),
+        "bad_total": trainer.bad_total,
+        "config": to_dict(trainer.cfg),
+        "calibration": None,
+        "world_size": trainer.dist.world_size,
+    }
+
+
+def restore_training_state(trainer: Any, state: dict[str, Any]) -> None:
+    """Put a :func:`training_state` dict back into a set-up trainer (weights, optimiser, RNG, data position)."""
+    trainer.model.load_state_dict(state["model"])
+    if state.get("ema") is not None:
+        trainer.ema.load_state_dict(state["ema"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["lr_scheduler"])
+    if state.get("scaler"):
+        trainer.scaler.load_state_dict(state["scaler"])
+    if state.get("objective"):
+        trainer.objective.load_state_dict(state["objective"])
+    trainer.step = int(state["step"])
+    trainer.best = dict(state.get("best") or trainer.best)
+    trainer.bad_total = int(state.get("bad_total", 0))
+    sampler_state = state.get("sampler")
+    if sampler_state is not None:
+        trainer.cursor.load_state_dict(sampler_state)
+    rng = state.get("rng") or {}
+    per_rank = rng.get("per_rank")
+    if per_rank is not None:
+        rng = per_rank[trainer.dist.rank] if trainer.dist.rank < len(per_rank) else None
+    if rng:
+        restore_rng(rng)

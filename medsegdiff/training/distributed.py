@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from medsegdiff.errors import ConfigError
 from medsegdiff.utils.runtime import resolve_device
@@ -128,6 +130,16 @@ def broadcast_object(ctx: DistContext, obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def wrap_ddp(module: nn.Module, ctx: DistContext) -> DistributedDataParallel:
+    """``module`` under DDP on this rank's device (unused parameters allowed, buffers not broadcast)."""
+    return DistributedDataParallel(
+        module,
+        device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+        find_unused_parameters=True,
+        broadcast_buffers=False,
+    )
 
 
 def micro_batch_size(batch_size: int, world_size: int, grad_accum: int) -> int:

@@ -1,8 +1,8 @@
 """The trainer: one code path for diffusion models and the discriminative baseline.
 
-``train(cfg, run_dir)`` builds the network (:func:`medsegdiff.nets.registry.build_model`), the
-training objective (:class:`medsegdiff.diffusion.objective.SegmentationObjective` on the FULL
-diffusion schedule) and the data pipeline, then runs optimizer steps with:
+``train(cfg, out_dir, components=factory)`` receives what it trains (model, objective, dataset,
+sampler, validator: :class:`Components`, built by ``factory`` after the process group exists; the
+real factory is :func:`medsegdiff.stages.train.build_components`) and runs optimizer steps with:
 
 * gradient accumulation that equals the large batch: each micro-batch loss is scaled by
   ``micro / per_rank_batch`` so gradients AVERAGE (upstream improved-diffusion sums them, guided
@@ -20,20 +20,22 @@ diffusion schedule) and the data pipeline, then runs optimizer steps with:
   optimizer, scheduler, scaler, objective, step, every RNG, the data-sampler position, best metric.
 
 The trainer is split into small hook-like methods (:meth:`Trainer.setup`, :meth:`run_step`,
-:meth:`forward_backward`, :meth:`optimize`, :meth:`log`, :meth:`validate`, :meth:`save`) and the
-parts it trains are built by a replaceable ``components`` factory (tests use tiny stand-ins).
+:meth:`forward_backward`, :meth:`optimize`, :meth:`log`, :meth:`validate`, :meth:`save`). It knows
+nothing about caches, splits or run directories: ``out_dir`` receives ``config.yaml``,
+``checkpoints/`` (:mod:`.checkpoint`) and, with the default tracker, ``metrics.jsonl``. The resume
+cursor is :mod:`.cursor`, the process-group helpers are :mod:`.distributed`.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import math
 import os
+import resource
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,9 +44,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
-from medsegdiff.config import ExperimentConfig, save_config, to_dict
+from medsegdiff.config import ExperimentConfig, save_config
 from medsegdiff.errors import CheckpointError, TrainingError
+from medsegdiff.tracking import make_tracker
+from medsegdiff.tracking.base import NullTracker
 from medsegdiff.training import checkpoint as ckpt_mod
+from medsegdiff.training.cursor import BatchCursor
 from medsegdiff.training.distributed import (
     DistContext,
     all_reduce_max_flag,
@@ -54,9 +59,11 @@ from medsegdiff.training.distributed import (
     cleanup,
     init_distributed,
     micro_batch_size,
+    wrap_ddp,
 )
 from medsegdiff.training.ema import EMA
 from medsegdiff.training.optim import build_optimizer, build_scheduler
+from medsegdiff.training.validation import TABLE_COLUMNS, table_rows
 from medsegdiff.utils.runtime import autocast, seed_everything
 
 logger = logging.getLogger("medsegdiff.training")
@@ -119,59 +126,16 @@ class _StepModule(nn.Module):
         return self.objective(self.model, batch, step)
 
 
-class _BatchCursor:
-    """Micro-batches of sampler keys, with the sampler state right after each one.
-
-    DataLoader workers prefetch, so the sampler runs ahead of training; the state recorded after
-    pulling a batch is released only when that batch is consumed (:meth:`consumed`), which gives
-    the exact position to resume from.
-    """
-
-    def __init__(self, sampler: Any, micro: int) -> None:
-        self.sampler = sampler
-        self.micro = micro
-        self.pending: collections.deque[Any] = collections.deque()
-        self.state: Any = self.snapshot()
-
-    def snapshot(self) -> Any:
-        fn = getattr(self.sampler, "state_dict", None)
-        return fn() if callable(fn) else None
-
-    def __iter__(self) -> Iterator[list[Any]]:
-        buf: list[Any] = []
-        empty_passes = 0
-        while True:
-            got = False
-            epoch_before = getattr(self.sampler, "epoch", None)
-            for key in self.sampler:
-                got = True
-                buf.append(key)
-                if len(buf) == self.micro:
-                    self.pending.append(self.snapshot())
-                    yield buf
-                    buf = []
-            # An empty pass is normal once (resumed exactly at the end of an epoch), never twice.
-            empty_passes = 0 if got else empty_passes + 1
-            if empty_passes >= 2:
-                raise TrainingError("the training sampler yields no samples; check the training split and data")
-            # Samplers that do not move to the next epoch by themselves are told to.
-            set_epoch = getattr(self.sampler, "set_epoch", None)
-            if callable(set_epoch) and epoch_before is not None and self.sampler.epoch == epoch_before:
-                set_epoch(int(epoch_before) + 1)
-
-    def consumed(self) -> None:
-        self.state = self.pending.popleft()
-
-
 class Trainer:
     """One training run (see the module docstring).
 
     Args:
         cfg: the resolved experiment config.
-        run_dir: the run directory (created; ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``).
+        run_dir: the output folder (created; ``config.yaml``, ``checkpoints/``, ``metrics.jsonl``).
+        components: ``(cfg, run_dir, dist_ctx) -> Components``, called once the process group
+            exists and the global RNG is seeded with ``cfg.seed`` (identical weights on every rank).
         resume: continue from the newest checkpoint in ``run_dir`` (error if there is none).
         tracker: where metrics go (rank 0); default ``medsegdiff.tracking.make_tracker``.
-        components: factory of the trained parts (default :func:`build_components`).
         stop_at: stop (with a checkpoint) after this optimizer step although ``train.steps`` is
             larger; the LR schedule still follows ``train.steps`` (used to test resuming).
     """
@@ -181,9 +145,9 @@ class Trainer:
         cfg: ExperimentConfig,
         run_dir: str | os.PathLike[str],
         *,
+        components: ComponentsFn,
         resume: bool = False,
         tracker: Any = None,
-        components: ComponentsFn | None = None,
         stop_at: int | None = None,
     ) -> None:
         self.cfg = cfg
@@ -200,6 +164,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.last_checkpoint: Path | None = None
         self._det_prev: tuple[bool, bool] | None = None
+        self.dist: DistContext | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -220,8 +185,7 @@ class Trainer:
             if not (self.run_dir / "config.yaml").exists():  # the run-directory helpers may have written it
                 save_config(cfg, self.run_dir / "config.yaml")
         barrier(self.dist)
-        fn = self.components_fn or build_components
-        comps = fn(cfg, self.run_dir, self.dist)
+        comps = self.components_fn(cfg, self.run_dir, self.dist)
         self.comps = comps
         # Per-rank seeds from here on: diffusion noise and timesteps must differ between ranks.
         seed_everything(cfg.seed + 1_000_003 * self.dist.rank)
@@ -242,17 +206,10 @@ class Trainer:
         net = torch.compile(self.model) if cfg.model.compile else self.model
         step_module: nn.Module = _StepModule(net, self.objective)
         if self.dist.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            step_module = DDP(
-                step_module,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,
-                broadcast_buffers=False,
-            )
+            step_module = wrap_ddp(step_module, self.dist)
         self.ddp = step_module if self.dist.distributed else None
         self.step_module = step_module
-        self.cursor = _BatchCursor(comps.sampler, self.micro)
+        self.cursor = BatchCursor(comps.sampler, self.micro)
         if self.resume:
             self.load_latest()
         self.loader = self._make_loader()
@@ -276,19 +233,7 @@ class Trainer:
         )
 
     def _make_tracker(self) -> Any:
-        if not self.dist.is_main:
-            from contextlib import suppress
-
-            with suppress(ImportError):
-                from medsegdiff.tracking.base import NullTracker
-
-                return NullTracker()
-            return _JsonlFallback(None)
-        try:
-            from medsegdiff.tracking import make_tracker
-        except ImportError:
-            return _JsonlFallback(self.run_dir / "metrics.jsonl")
-        return make_tracker(self.cfg, self.run_dir)
+        return make_tracker(self.cfg, self.run_dir) if self.dist.is_main else NullTracker()
 
     # ------------------------------------------------------------------ resume
     def load_latest(self) -> None:
@@ -297,32 +242,8 @@ class Trainer:
             raise CheckpointError(
                 f"{self.run_dir}: --resume given but there is no checkpoints/step_*.pt; start without --resume"
             )
-        self.load_state(ckpt_mod.load_checkpoint(path, map_location=self.device))
+        ckpt_mod.restore_training_state(self, ckpt_mod.load_checkpoint(path, map_location=self.device))
         logger.info("resumed from %s at step %d", path, self.step)
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        if state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["lr_scheduler"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        if state.get("objective"):
-            self.objective.load_state_dict(state["objective"])
-        self.step = int(state["step"])
-        self.best = dict(state.get("best") or self.best)
-        self.bad_total = int(state.get("bad_total", 0))
-        sampler_state = state.get("sampler")
-        if sampler_state is not None and hasattr(self.comps.sampler, "load_state_dict"):
-            self.comps.sampler.load_state_dict(sampler_state)
-            self.cursor.state = sampler_state
-        rng = state.get("rng") or {}
-        per_rank = rng.get("per_rank")
-        if per_rank is not None:
-            rng = per_rank[self.dist.rank] if self.dist.rank < len(per_rank) else None
-        if rng:
-            ckpt_mod.restore_rng(rng)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> TrainResult:
@@ -331,12 +252,18 @@ class Trainer:
             self.setup()
             return self._loop()
         finally:
-            if self._own_tracker and self.tracker is not None:
-                self.tracker.finish()
-            if self._det_prev is not None:
-                torch.use_deterministic_algorithms(self._det_prev[0], warn_only=self._det_prev[1])
-            if getattr(self, "dist", None) is not None:
-                cleanup(self.dist)
+            self.close()
+
+    def close(self) -> None:
+        """Finish an own tracker, restore the deterministic-algorithms flags, leave the process group."""
+        if self._own_tracker and self.tracker is not None:
+            self.tracker.finish()
+        if self._det_prev is not None:
+            torch.use_deterministic_algorithms(self._det_prev[0], warn_only=self._det_prev[1])
+            self._det_prev = None
+        if self.dist is not None:
+            cleanup(self.dist)
+            self.dist = None
 
     def _loop(self) -> TrainResult:
         tc = self.cfg.train
@@ -524,37 +451,12 @@ class Trainer:
 
     def _log_cases(self, name: str, rows: Any, step: int) -> None:
         if rows:
-            from medsegdiff.training.validation import TABLE_COLUMNS, table_rows
-
             self.tracker.log_table(name, list(TABLE_COLUMNS), table_rows(rows), step=step)
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        rng = ckpt_mod.capture_rng()
-        if self.dist.distributed:
-            from medsegdiff.training.distributed import all_gather_objects
-
-            rng = {"per_rank": all_gather_objects(self.dist, rng)}
-        return {
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "objective": self.objective.state_dict(),
-            "step": self.step,
-            "rng": rng,
-            "sampler": self.cursor.state,
-            "best": dict(self.best),
-            "bad_total": self.bad_total,
-            "config": to_dict(self.cfg),
-            "calibration": None,
-            "world_size": self.dist.world_size,
-        }
-
     def save(self, best: bool = False) -> Path | None:
         """Write ``step_{step}.pt`` (and prune to ``keep_last``) or ``best.pt``; rank 0 writes, all wait."""
-        state = self.state_dict()  # collective under DDP: every rank calls it
+        state = ckpt_mod.training_state(self)  # collective under DDP: every rank calls it
         path = None
         if self.dist.is_main:
             if best:
@@ -568,31 +470,6 @@ class Trainer:
         return path
 
 
-class _JsonlFallback:
-    """metrics.jsonl writer used only when :mod:`medsegdiff.tracking` is unavailable."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-
-    def log(self, metrics: dict[str, Any], step: int) -> None:
-        if self.path is None:
-            return
-        import json
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
-
-    def log_table(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_images(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-
 def _to_device(batch: Any, device: torch.device) -> Any:
     if torch.is_tensor(batch):
         return batch.to(device, non_blocking=True)
@@ -604,31 +481,22 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _max_rss_gb() -> float:
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
-    except (ImportError, OSError):  # pragma: no cover - non-Linux
-        return float("nan")
-
-
-def build_components(cfg: ExperimentConfig, run_dir: Path, dist_ctx: DistContext) -> Components:
-    """The real parts: model, objective, training data and validator (see :mod:`.data_setup`)."""
-    from medsegdiff.training.data_setup import build_real_components
-
-    return build_real_components(cfg, run_dir, dist_ctx)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
 def train(
     cfg: ExperimentConfig,
     run_dir: str | os.PathLike[str],
     *,
+    components: ComponentsFn,
     resume: bool = False,
     tracker: Any = None,
-    components: ComponentsFn | None = None,
     stop_at: int | None = None,
 ) -> TrainResult:
-    """Train ``cfg`` into ``run_dir`` (see :class:`Trainer`); ``resume`` continues the newest checkpoint.
+    """Train the parts built by ``components`` into ``run_dir`` (see :class:`Trainer`).
+
+    ``resume`` continues the newest checkpoint in ``run_dir``. The experiment's train stage is
+    :func:`medsegdiff.stages.train.train` (it prepares the data and builds the real parts).
 
     Raises:
         ConfigError: batch size not divisible by world size x grad_accum, fp16 on the CPU, ...
@@ -636,52 +504,3 @@ def train(
         TrainingError: ``train.max_bad_steps`` non-finite steps in a row.
     """
     return Trainer(cfg, run_dir, resume=resume, tracker=tracker, components=components, stop_at=stop_at).run()
-
-
-def train_from_cli(
-    config: str | None,
-    overrides: list[str],
-    *,
-    run_dir: str | None = None,
-    resume: bool = False,
-    resume_dir: str | None = None,
-    command: list[str] | None = None,
-) -> TrainResult | None:
-    """What ``medsegdiff train`` does: resolve config and run directory, then :func:`train`.
-
-    ``config`` may be omitted with ``resume_dir`` (its ``config.yaml`` is used). An override given
-    where the config belongs (``medsegdiff train --resume DIR k=v``) is treated as an override.
-    Every rank of a torchrun launch gets the same run directory. Returns the result on rank 0
-    (``run_dir`` attribute added), None on the other ranks.
-
-    Raises:
-        ConfigError: no config and no run directory to resume.
-        CheckpointError: resuming with changed model/data/diffusion settings.
-    """
-    import dataclasses
-
-    from medsegdiff.config import load_config
-    from medsegdiff.errors import ConfigError
-    from medsegdiff.experiments.rundir import init_shared_run_dir
-
-    if config is not None and "=" in config and not Path(config).is_file():
-        overrides, config = [config, *overrides], None
-    if config is None:
-        if resume_dir is None:
-            raise ConfigError("medsegdiff train needs a config file (e.g. experiments/quickstart.yaml) "
-                              "or --resume RUN_DIR")
-        config = str(Path(resume_dir) / "config.yaml")
-        if not Path(config).is_file():
-            raise CheckpointError(f"{config}: not a run directory (no config.yaml); check the --resume path")
-    reference = load_config(config)
-    cfg = load_config(config, overrides)
-    target = run_dir or resume_dir
-    if target:
-        cfg = dataclasses.replace(cfg, run_dir=str(target))
-        reference = dataclasses.replace(reference, run_dir=str(target))
-    rd, cfg = init_shared_run_dir(cfg, reference, resume=resume, command=command)
-    has_ckpt = ckpt_mod.find_latest(rd.root) is not None
-    if resume and not has_ckpt:
-        logger.warning("%s has no checkpoint yet: training from the start", rd.root)
-    result = train(cfg, rd.root, resume=resume and has_ckpt)
-    return result if int(os.environ.get("RANK", "0") or 0) == 0 else None

@@ -160,7 +160,8 @@ def test_bad_inputs_have_one_line_messages(predicted, checkpoint, raw_root, tmp_
 
 
 def test_calibrate_checkpoint_saves_the_best_threshold(predicted, checkpoint, tmp_path):
-    from medsegdiff.inference.calibration import calibrate_checkpoint, find_calibration
+    from medsegdiff.inference.calibration import find_calibration
+    from medsegdiff.stages.calibrate import calibrate_checkpoint
 
     out, _ = predicted
     (cache,) = sorted((out / "_cache").iterdir())

@@ -85,11 +85,7 @@ def test_load_for_inference_uses_ema_and_embedded_config(stubs, tmp_path, monkey
     ema = {k: v + 1.0 for k, v in net.state_dict().items()}
     path = ck.save_checkpoint(tmp_path / "c.pt", {"model": net.state_dict(), "ema": ema, "step": 3,
                                                    "config": to_dict(cfg)})
-    import types
-
-    fake = types.ModuleType("medsegdiff.nets.registry")
-    fake.build_model = lambda c: stubs.TinyNet()
-    monkeypatch.setitem(__import__("sys").modules, "medsegdiff.nets.registry", fake)
+    monkeypatch.setattr(ck, "build_model", lambda c: stubs.TinyNet())
     model, got_cfg, ckpt = ck.load_for_inference(path, device="cpu")
     assert got_cfg == cfg and ckpt["step"] == 3 and not model.training
     assert torch.equal(model.conv1.weight, ema["conv1.weight"])

@@ -32,7 +32,8 @@ from typing import Any, Literal
 from medsegdiff.config import ExperimentConfig, from_dict, load_config, option
 from medsegdiff.config.loader import read_yaml, yaml_load
 from medsegdiff.errors import ConfigError, MedSegDiffError
-from medsegdiff.experiments.rundir import run_name, safe_name
+from medsegdiff.pipeline.run import run_experiment
+from medsegdiff.pipeline.rundir import run_name, safe_name
 from medsegdiff.utils.io import atomic_write_json, atomic_write_with
 
 LAUNCHERS = ("local", "torchrun", "slurm")
@@ -298,8 +299,6 @@ def run_local(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Run every point one after another in this process; a failing run is recorded, not fatal."""
-    from medsegdiff.experiments.pipeline import run_experiment
-
     entries = index_entries(sweep)
     write_index(sweep, entries, "local")
     for run, entry in zip(sweep.runs, entries):

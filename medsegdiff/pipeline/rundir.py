@@ -34,11 +34,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from medsegdiff.config import ExperimentConfig, save_config, to_dict
+from medsegdiff.config import ExperimentConfig, load_config, save_config, to_dict
 from medsegdiff.errors import CheckpointError
+from medsegdiff.stages.layout import RunDir
+from medsegdiff.utils.console import env_rank
 from medsegdiff.utils.io import atomic_write_json
 
 # Keys that do not change what a run computes: left out of the name and of the hash.
@@ -48,37 +51,8 @@ PACKAGES = ("medsegdiff", "torch", "monai", "SimpleITK", "numpy", "scipy", "wand
 RESUME_BREAKING = ("model", "diffusion", "data")
 MAX_NAME = 96
 HASH_LEN = 6
-logger = logging.getLogger("medsegdiff.experiments")
+logger = logging.getLogger("medsegdiff.pipeline")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
-
-
-@dataclasses.dataclass(frozen=True)
-class RunDir:
-    """Paths inside one run directory."""
-
-    root: Path
-
-    @property
-    def name(self) -> str:
-        return self.root.name
-
-    config = property(lambda self: self.root / "config.yaml")
-    meta = property(lambda self: self.root / "meta.json")
-    splits = property(lambda self: self.root / "splits.json")
-    metrics = property(lambda self: self.root / "metrics.jsonl")
-    logs = property(lambda self: self.root / "logs")
-    checkpoints = property(lambda self: self.root / "checkpoints")
-    predictions = property(lambda self: self.root / "predictions")
-    evaluation = property(lambda self: self.root / "evaluation")
-    baseline_predictions = property(lambda self: self.root / "baseline" / "predictions")
-    baseline_evaluation = property(lambda self: self.root / "baseline" / "evaluation")
-    results = property(lambda self: self.root / "results.json")
-    wandb = property(lambda self: self.root / "wandb")
-
-    def make(self) -> RunDir:
-        for d in (self.root, self.logs, self.checkpoints):
-            d.mkdir(parents=True, exist_ok=True)
-        return self
 
 
 # --------------------------------------------------------------------------- naming
@@ -221,8 +195,6 @@ def git_state(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
 
 
 def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:
-    from importlib import metadata
-
     out: dict[str, str | None] = {}
     for n in names:
         try:
@@ -276,8 +248,6 @@ def init_run_dir(
         except (OSError, json.JSONDecodeError):
             existing_meta = None
     if rd.config.is_file() and resume:
-        from medsegdiff.config import load_config
-
         old = load_config(rd.config)
         if old.data.split.file == str(rd.splits) and not cfg.data.split.file:
             # the pipeline pins the split it saved; that is not a change of settings
@@ -359,7 +329,7 @@ def init_shared_run_dir(
         CheckpointError: when a non-zero rank does not see rank 0's folder within ``timeout_s``.
     """
     lid = launch_id()
-    rank = int(os.environ.get("RANK", "0") or 0)
+    rank = env_rank()
     if lid is None or cfg.run_dir:
         if rank == 0 or lid is None:
             return init_run_dir(cfg, reference, resume=resume, command=command)

@@ -10,7 +10,7 @@ import torch
 
 from medsegdiff.config import load_config
 from medsegdiff.errors import CheckpointError
-from medsegdiff.experiments.rundir import (
+from medsegdiff.pipeline.rundir import (
     MAX_NAME,
     RunDir,
     changed_settings,
@@ -89,7 +89,7 @@ def test_run_directory_holds_config_and_provenance(tmp_path, ref):
 
 
 def test_git_state_is_null_without_git(tmp_path, monkeypatch):
-    from medsegdiff.experiments import rundir
+    from medsegdiff.pipeline import rundir
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no git executable
     assert rundir.git_state(tmp_path) == {"commit": None, "dirty": None}

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from medsegdiff.config import load_config
+from medsegdiff.stages.train import train
 from medsegdiff.training.checkpoint import load_checkpoint
-from medsegdiff.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]
 

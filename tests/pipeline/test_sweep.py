@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from medsegdiff.errors import ConfigError
-from medsegdiff.experiments.sweep import expand_sweep, index_entries, run_local, write_index, write_scripts
+from medsegdiff.pipeline.sweep import expand_sweep, index_entries, run_local, write_index, write_scripts
 
 
 def make_sweep(tmp_path: Path, grid: str, extra: str = "") -> Path:

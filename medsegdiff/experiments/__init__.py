@@ -1,1 +1,0 @@
-"""Experiments: run directories, the one-command ``run`` pipeline and sweeps."""

@@ -1,0 +1,1 @@
+"""The pipeline: run directories, the one-command ``run`` of every stage, sweeps (above ``stages``)."""
