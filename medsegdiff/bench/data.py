@@ -6,6 +6,10 @@ peak RSS (VmHWM) is its peak memory; an idle worker with the same imports is the
 training slices (i) from the memory-mapped cache through :class:`SliceDataset` and (ii) the naive
 way, re-reading every NIfTI file of the case for each slice (as the original MedSegDiff loader does),
 in the same run.
+
+Imports are inside the functions on purpose: :func:`_idle_rss_mb` runs in a freshly spawned worker
+that imports this module, and its memory is the per-process floor of the preprocessing stack, so
+the module must not import torch or the rest of the library at its top.
 """
 
 from __future__ import annotations
@@ -20,16 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
-import torch
-import torch.nn.functional as F
-
-from medsegdiff.config.data import DataConfig
-from medsegdiff.data.cache import Manifest, cache_key, modality_window
-from medsegdiff.data.datasets import LesionOversamplingSampler, SliceDataset
-from medsegdiff.data.discovery import discover_cases
-from medsegdiff.data.preprocess import _peak_rss_mb, prepare_case, prepare_dataset, window_normalise
-from medsegdiff.data.synthetic import generate_dataset
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,6 +44,8 @@ def _idle_rss_mb() -> float:
     import SimpleITK  # noqa: F401
 
     import medsegdiff.data.loading  # noqa: F401
+    from medsegdiff.data.preprocess import _peak_rss_mb
+
     return _peak_rss_mb()
 
 
@@ -60,6 +56,13 @@ def _in_fresh_process(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 def _naive_slice(case: Any, z: int, cfg: Any, size: int) -> dict:
     """Read every file of the case again for one slice (SimpleITK), window, resize with torch."""
+    import SimpleITK as sitk
+    import torch
+    import torch.nn.functional as F
+
+    from medsegdiff.data.cache import modality_window
+    from medsegdiff.data.preprocess import window_normalise
+
     chans = []
     for m in cfg.modalities:
         arr = sitk.GetArrayFromImage(sitk.ReadImage(str(case.images[m])))[z].astype(np.float32)
@@ -72,6 +75,15 @@ def _naive_slice(case: Any, z: int, cfg: Any, size: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from medsegdiff.config.data import DataConfig
+    from medsegdiff.data.cache import Manifest, cache_key
+    from medsegdiff.data.datasets import LesionOversamplingSampler, SliceDataset
+    from medsegdiff.data.discovery import discover_cases
+    from medsegdiff.data.preprocess import prepare_case, prepare_dataset
+    from medsegdiff.data.synthetic import generate_dataset
+
     torch.set_num_threads(1)  # one DataLoader worker's view: per-process slice throughput
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="medsegdiff-bench-data-"))
     data_root, cache_dir = work / "data", work / "cache"

@@ -25,7 +25,7 @@ from medsegdiff.inference.calibration import (
 )
 from medsegdiff.inference.export import to_native
 from medsegdiff.inference.predict import Predictor, resolve_sources
-from medsegdiff.stages.layout import RunDir
+from medsegdiff.stages.layout import RunDir, as_run_dir
 from medsegdiff.utils.console import say
 
 
@@ -94,7 +94,7 @@ def calibrate_checkpoint(
 
 def validation_cases(run_dir: str | os.PathLike[str]) -> list[str] | None:
     """The validation case ids of a run (``<run>/splits.json``), or None when it has no split."""
-    path = Path(run_dir) / "splits.json"
+    path = as_run_dir(run_dir).splits
     if not path.is_file():
         return None
     return list(Splits.load(path).val) or None
