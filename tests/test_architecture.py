@@ -1,5 +1,6 @@
 """The package's import structure: no import cycles, and libraries import only downwards.
 
+``improved_diffusion/`` (the core) sits under all of them and never imports ``medsegdiff``.
 Every ``import`` of ``medsegdiff`` modules is read with :mod:`ast`, including the ones inside
 functions (a delayed import hides a cycle from the interpreter, not from this test). The layer
 order is the one in ARCHITECTURE.md ("Layers"); a module may import modules of its own layer or of
@@ -140,6 +141,17 @@ def test_libraries_import_only_downwards():
         if layer(t) > layer(m)
     ]
     assert not upward, "upward imports:\n" + "\n".join(upward)
+
+
+def test_the_core_does_not_import_medsegdiff():
+    core = PACKAGE.parent / "improved_diffusion"
+    found = []
+    for path in sorted(core.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.split(".")[0] == "medsegdiff"]
+    assert not found, "improved_diffusion/ is the layer under medsegdiff: " + "; ".join(found)
 
 
 def _write(root: Path, files: dict[str, str]) -> Path:
