@@ -42,8 +42,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
-from monai.metrics import compute_hausdorff_distance
 from scipy import ndimage
 
 OFFICIAL_METRICS = ("dice", "avd_ml", "lesion_count_diff", "lesion_f1")
@@ -177,6 +175,10 @@ def hd95_distance(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | N
     Returns:
         The distance in mm (voxels without spacing); NaN when either mask is empty.
     """
+    # Delayed: torch + MONAI (~6 s to import) serve only this optional metric (`evaluate --no-hd95`).
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
     p = np.asarray(pred).astype(bool, copy=False)
     g = np.asarray(gt).astype(bool, copy=False)
     if not p.any() or not g.any():
