@@ -500,21 +500,22 @@ class GaussianDiffusion:
             return self._predict_xstart_from_v(x_t=x_t, t=t, v=model_output)
         return self._predict_xstart_from_xprev(x_t=x_t, t=t, xprev=model_output)
 
+    def _signal_minus_noise(self, t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``sqrt(abar_t) a - sqrt(1 - abar_t) b``: v from (eps, x_0), and x_0 from (x_t, v)."""
+        return (
+            self._extract("sqrt_alphas_cumprod", t, a.shape) * a
+            - self._extract("sqrt_one_minus_alphas_cumprod", t, a.shape) * b
+        )
+
     def _predict_v(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0`` (Salimans & Ho 2022, Appendix D)."""
-        return (
-            self._extract("sqrt_alphas_cumprod", t, x_start.shape) * noise
-            - self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * x_start
-        )
+        return self._signal_minus_noise(t, noise, x_start)
 
     def _predict_xstart_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v`` (finite at every step, also where abar = 0)."""
         if x_t.shape != v.shape:
             raise ValueError(f"x_t shape {tuple(x_t.shape)} != v shape {tuple(v.shape)}")
-        return (
-            self._extract("sqrt_alphas_cumprod", t, x_t.shape) * x_t
-            - self._extract("sqrt_one_minus_alphas_cumprod", t, x_t.shape) * v
-        )
+        return self._signal_minus_noise(t, x_t, v)
 
     def _predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """``x_0 = sqrt(1 / abar_t) x_t - sqrt(1 / abar_t - 1) eps``."""
