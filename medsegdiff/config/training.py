@@ -31,10 +31,11 @@ class LossConfig:
         doc="SNR at and above which the x0-hat Dice/BCE get full weight with timestep_weighting=snr "
         "(below it the weight falls linearly with SNR, towards 0 at pure noise)",
     )
-    diffusion_weighting: Literal["none", "min_snr"] = option(
+    diffusion_weighting: Literal["none", "min_snr", "snr_plus_one"] = option(
         "none",
-        doc="per-timestep weight of the diffusion MSE: none, or min-SNR-gamma (Hang et al. 2023; "
-        "min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) for x0, min(SNR, gamma) / (SNR + 1) for v)",
+        doc="per-timestep weight of the diffusion MSE: none; min_snr = min-SNR-gamma (Hang et al. 2023; "
+        "x0 weight min(SNR, gamma)); snr_plus_one = x0 weight SNR + 1, v's implicit weight (Salimans & Ho "
+        "2022, Sec. 4; for epsilon (SNR + 1) / SNR)",
     )
     min_snr_gamma: float = option(5.0, gt=0.0, doc="gamma of diffusion_weighting=min_snr (Hang et al. 2023: 5)")
     anchor_every: int = option(

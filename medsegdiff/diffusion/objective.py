@@ -6,7 +6,9 @@ image through ``model_kwargs={"image": image}`` (Wu et al., MedSegDiff, arXiv:22
 * ``diffusion``: ``GaussianDiffusion.training_losses`` (epsilon/x0/v MSE, or the iDDPM hybrid
   MSE + VB with learned sigma, or the rescaled KL), times the schedule sampler's importance weights.
   With ``loss.diffusion_weighting=min_snr`` the per-sample MSE is weighted by min-SNR-gamma
-  (Hang et al. 2023, :func:`medsegdiff.losses.multitask.min_snr_weights`; the VB term is not);
+  (Hang et al. 2023, :func:`medsegdiff.losses.multitask.min_snr_weights`), with ``snr_plus_one`` by
+  the x0 weight ``SNR + 1`` (Salimans & Ho 2022, :func:`~medsegdiff.losses.multitask.snr_plus_one_weights`);
+  the VB term is never re-weighted;
 * ``dice`` / ``bce``: on ``p = (x0_hat + 1) / 2`` clamped to [0, 1], where ``x0_hat`` comes from the
   model output at the same ``t`` and noise through the core's
   :meth:`~improved_diffusion.gaussian_diffusion.GaussianDiffusion.predict_xstart_from_output`; each
@@ -42,7 +44,7 @@ from improved_diffusion.resample import LossAwareSampler, create_named_schedule_
 from medsegdiff.config.schema import ExperimentConfig
 from medsegdiff.diffusion.self_condition import concat_self_cond
 from medsegdiff.errors import ConfigError
-from medsegdiff.losses.multitask import LossCombiner, min_snr_weights, timestep_weights
+from medsegdiff.losses.multitask import LossCombiner, min_snr_weights, snr_plus_one_weights, timestep_weights
 from medsegdiff.losses.segmentation import dice_bce_terms
 
 __all__ = [
@@ -139,9 +141,10 @@ class SegmentationObjective(nn.Module):
                 warmup_steps=lc.warmup_steps,
             )
             self.schedule_sampler = create_named_schedule_sampler(cfg.diffusion.schedule_sampler, diffusion)
-            if lc.diffusion_weighting == "min_snr" and diffusion.loss_type.is_vb():
+            if lc.diffusion_weighting != "none" and diffusion.loss_type.is_vb():
                 raise ConfigError(
-                    "config key 'loss.diffusion_weighting': got 'min_snr'; it weights the diffusion MSE, but "
+                    f"config key 'loss.diffusion_weighting': got {lc.diffusion_weighting!r}; it weights the "
+                    "diffusion MSE, but "
                     "diffusion.use_kl=true trains the variational bound: set diffusion.use_kl=false or "
                     "loss.diffusion_weighting=none"
                 )
@@ -254,10 +257,13 @@ class SegmentationObjective(nn.Module):
         if isinstance(self.schedule_sampler, LossAwareSampler) and sampled:
             self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
         per_sample = losses["loss"]
-        if lc.diffusion_weighting == "min_snr":
-            w_mse = min_snr_weights(diffusion, t, lc.min_snr_gamma)
+        if lc.diffusion_weighting != "none":
+            if lc.diffusion_weighting == "min_snr":
+                w_mse = min_snr_weights(diffusion, t, lc.min_snr_gamma)
+            else:
+                w_mse = snr_plus_one_weights(diffusion, t)
             per_sample = w_mse * losses["mse"] + losses["vb"] if "vb" in losses else w_mse * losses["mse"]
-            extra["min_snr_weight"] = w_mse.mean()
+            extra["mse_weight"] = w_mse.mean()
         raw: dict[str, Tensor] = {"diffusion": (per_sample * importance).mean()}
         for key in ("mse", "vb"):
             if key in losses:

@@ -5,8 +5,10 @@ from medsegdiff.losses.multitask import (
     TIMESTEP_WEIGHTINGS,
     LossCombiner,
     min_snr_weights,
+    snr_plus_one_weights,
     timestep_weights,
 )
 from medsegdiff.losses.segmentation import dice_bce_terms
 
-__all__ = ["STRATEGIES", "TIMESTEP_WEIGHTINGS", "LossCombiner", "dice_bce_terms", "min_snr_weights", "timestep_weights"]
+__all__ = ["STRATEGIES", "TIMESTEP_WEIGHTINGS", "LossCombiner", "dice_bce_terms", "min_snr_weights",
+           "snr_plus_one_weights", "timestep_weights"]

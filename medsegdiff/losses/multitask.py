@@ -13,6 +13,8 @@ mask (Dice, BCE) and, for V2, on the anchor head. Two questions arise:
    (Sec. 3.4), expressed for the network's target: the weight on the x0 MSE is ``min(SNR, gamma)``;
    since ``|eps - eps_hat|^2 = SNR |x0 - x0_hat|^2`` and ``|v - v_hat|^2 = (SNR + 1) |x0 - x0_hat|^2``,
    the epsilon MSE gets ``min(SNR, gamma) / SNR`` and the v MSE ``min(SNR, gamma) / (SNR + 1)``.
+   :func:`snr_plus_one_weights` gives any parametrisation v's implicit x0 weight ``SNR + 1``
+   (Salimans & Ho 2022, Sec. 4), e.g. epsilon prediction with an x0 loss that counts at noisy steps.
 2. **Across terms** (:class:`LossCombiner`): ``"fixed"`` weights, ``"warmup"`` (auxiliary terms fade
    in linearly), or ``"uncertainty"`` (learned homoscedastic uncertainty, Kendall, Gal & Cipolla,
    CVPR 2018, "Multi-Task Learning Using Uncertainty to Weigh Losses for Scene Geometry and
@@ -98,6 +100,21 @@ def timestep_weights(
     return (torch.clamp(_snr(diffusion, t), max=snr_cap) / snr_cap).float()
 
 
+def _x0_weight_to_target(diffusion: Any, snr: Tensor, x0_weight: Tensor, name: str) -> Tensor:
+    """Turn a weight on the x0 MSE into the same weight on the network's own target MSE.
+
+    ``|eps - eps_hat|^2 = SNR |x0 - x0_hat|^2`` and ``|v - v_hat|^2 = (SNR + 1) |x0 - x0_hat|^2``.
+    """
+    mean_type = diffusion.model_mean_type
+    if mean_type == ModelMeanType.EPSILON:
+        return x0_weight / snr
+    if mean_type == ModelMeanType.START_X:
+        return x0_weight
+    if mean_type == ModelMeanType.VELOCITY:
+        return x0_weight / (snr + 1.0)
+    raise ValueError(f"{name}: no weighting for {mean_type}; use epsilon, x0 or v")
+
+
 def min_snr_weights(diffusion: Any, t: Tensor, gamma: float = 5.0) -> Tensor:
     """Min-SNR-gamma weights of the diffusion MSE for the diffusion's parametrisation.
 
@@ -119,17 +136,25 @@ def min_snr_weights(diffusion: Any, t: Tensor, gamma: float = 5.0) -> Tensor:
     if not gamma > 0:
         raise ValueError(f"min_snr_weights: gamma must be > 0, got {gamma}")
     snr = _snr(diffusion, t)
-    clipped = torch.clamp(snr, max=gamma)
-    mean_type = diffusion.model_mean_type
-    if mean_type == ModelMeanType.EPSILON:
-        w = clipped / snr
-    elif mean_type == ModelMeanType.START_X:
-        w = clipped
-    elif mean_type == ModelMeanType.VELOCITY:
-        w = clipped / (snr + 1.0)
-    else:
-        raise ValueError(f"min_snr_weights: no min-SNR weighting for {mean_type}; use epsilon, x0 or v")
-    return w.float()
+    return _x0_weight_to_target(diffusion, snr, torch.clamp(snr, max=gamma), "min_snr_weights").float()
+
+
+def snr_plus_one_weights(diffusion: Any, t: Tensor) -> Tensor:
+    """Weights that give the diffusion MSE the x0 weight ``SNR + 1`` ("SNR+1" weighting).
+
+    Salimans & Ho 2022 (arXiv:2202.00512, Sec. 4): the v loss equals the x0 loss weighted by
+    ``SNR + 1``, at least 1 at every step. For the network's own target: ``(SNR + 1) / SNR``
+    (epsilon: its x0 estimate is then trained at noisy steps too), ``SNR + 1`` (x0), ``1`` (v).
+    At zero SNR the epsilon weight is infinite (refused there anyway, x0 being undefined).
+
+    Returns:
+        ``(B,)`` float32 weights on ``t``'s device (no gradient).
+
+    Raises:
+        ValueError: a mean type without this form (``PREVIOUS_X``).
+    """
+    snr = _snr(diffusion, t)
+    return _x0_weight_to_target(diffusion, snr, snr + 1.0, "snr_plus_one_weights").float()
 
 
 class LossCombiner(nn.Module):

@@ -198,13 +198,14 @@ def test_objective_state_loads_with_weights_only(stubs, tmp_path):
 # ----------------------------------------------------------------------- min-SNR-gamma weighting
 
 
+@pytest.mark.parametrize("mode", ["min_snr", "snr_plus_one"])
 @pytest.mark.parametrize("diff", [{"steps": 100}, {"steps": 100, "predict_xstart": True},
                                   {"steps": 100, "predict_v": True}])
-def test_min_snr_weights_the_diffusion_mse(stubs, diff):
+def test_min_snr_weights_the_diffusion_mse(stubs, diff, mode):
     # both samples at the same t: the weighted term is w(t) times the unweighted one
     gamma = 5.0
     _, diffusion, plain = setup(stubs, diffusion=diff, loss={"diffusion_weighting": "none"})
-    _, _, weighted = setup(stubs, diffusion=diff, loss={"diffusion_weighting": "min_snr", "min_snr_gamma": gamma})
+    _, _, weighted = setup(stubs, diffusion=diff, loss={"diffusion_weighting": mode, "min_snr_gamma": gamma})
     torch.manual_seed(3)
     model = stubs["diffusion"]()
     batch = stubs["batch"]()
@@ -215,9 +216,10 @@ def test_min_snr_weights_the_diffusion_mse(stubs, diff):
         b = weighted(model, batch, 0, t=t, noise=noise).terms["diffusion"].item()
         abar = diffusion.alphas_cumprod[step_t]
         snr = abar / (1 - abar)
-        w = {False: min(snr, gamma) / snr, True: min(snr, gamma)}[diff.get("predict_xstart", False)]
+        x0_weight = min(snr, gamma) if mode == "min_snr" else snr + 1  # the weight in x0 terms
+        w = {False: x0_weight / snr, True: x0_weight}[diff.get("predict_xstart", False)]
         if diff.get("predict_v"):
-            w = min(snr, gamma) / (snr + 1)
+            w = x0_weight / (snr + 1)
         assert b == pytest.approx(w * a, rel=1e-5)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from improved_diffusion.gaussian_diffusion import ModelMeanType
-from medsegdiff.losses.multitask import LossCombiner, min_snr_weights, timestep_weights
+from medsegdiff.losses.multitask import LossCombiner, min_snr_weights, snr_plus_one_weights, timestep_weights
 
 
 def schedule():
@@ -154,5 +154,20 @@ def test_min_snr_weights_on_the_linear_schedule_and_errors():
     with pytest.raises(ValueError, match="gamma must be > 0"):
         min_snr_weights(d, torch.tensor([0]), gamma=0.0)
     prev = SimpleNamespace(alphas_cumprod=schedule().alphas_cumprod, model_mean_type=ModelMeanType.PREVIOUS_X)
-    with pytest.raises(ValueError, match="no min-SNR weighting"):
+    with pytest.raises(ValueError, match="min_snr_weights: no weighting for"):
         min_snr_weights(prev, torch.tensor([0]))
+
+
+@pytest.mark.parametrize(
+    "mean, expected",
+    [
+        # x0 weight SNR + 1 (Salimans & Ho 2022, Sec. 4); SNR = 9, 9/11, 9/41
+        (ModelMeanType.EPSILON, [10 / 9, (9 / 11 + 1) / (9 / 11), (9 / 41 + 1) / (9 / 41)]),
+        (ModelMeanType.START_X, [10.0, 9 / 11 + 1, 9 / 41 + 1]),
+        (ModelMeanType.VELOCITY, [1.0, 1.0, 1.0]),
+    ],
+)
+def test_snr_plus_one_weights_by_hand(mean, expected):
+    d = SimpleNamespace(alphas_cumprod=schedule().alphas_cumprod, model_mean_type=mean)
+    w = snr_plus_one_weights(d, torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(w, torch.tensor(expected, dtype=torch.float32))
