@@ -15,7 +15,19 @@ Local changes:
   ``torch.Generator`` and show a tqdm bar with ``progress=True``;
 * every shape check raises ``ValueError`` instead of ``assert``; tensors of any rank (2-D and
   3-D images) are supported;
-* the linear schedule refuses step counts for which ``beta_T = 0.02 * 1000 / T`` reaches 1.
+* the linear schedule refuses step counts for which ``beta_T = 0.02 * 1000 / T`` reaches 1;
+* **v-prediction** (an extension): ``ModelMeanType.VELOCITY``, the network predicts
+  ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0`` (Salimans & Ho 2022, "Progressive Distillation
+  for Fast Sampling of Diffusion Models", arXiv:2202.00512, Sec. 4 and Appendix D). It works
+  through ``p_mean_variance``, ``training_losses`` (target v), the DDPM/DDIM samplers and
+  ``SpacedDiffusion``;
+* :meth:`GaussianDiffusion.predict_xstart_from_output`: one public helper that turns a raw model
+  output into ``x_0`` for every mean type (what samplers and auxiliary losses use);
+* the noise implied by an ``x_0`` estimate is computed as ``(x_t - sqrt(abar) x_0) / sqrt(1 - abar)``
+  (algebraically equal to upstream's form, and finite where ``abar_t = 0``);
+* **zero terminal SNR** (an extension): :func:`rescale_zero_terminal_snr` (Lin et al. 2023,
+  "Common Diffusion Noise Schedules and Sample Steps are Flawed", arXiv:2305.08891, Algorithm 1);
+  a process whose last ``abar`` is 0 refuses epsilon prediction (``x_0`` is undefined there).
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ __all__ = [
     "ModelVarType",
     "betas_for_alpha_bar",
     "get_named_beta_schedule",
+    "rescale_zero_terminal_snr",
 ]
 
 Model = Callable[..., torch.Tensor]
@@ -98,12 +111,46 @@ def betas_for_alpha_bar(
     return np.array(out, dtype=np.float64)
 
 
+def rescale_zero_terminal_snr(betas: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Rescale a schedule so that its last step has zero SNR (Lin et al. 2023, Algorithm 1).
+
+    With ``s_t = sqrt(abar_t)``: ``s <- (s - s_T) * s_1 / (s_1 - s_T)``, so ``s_T = 0`` exactly and
+    the first value ``s_1`` is unchanged (``s_1``/``s_T`` are the paper's first/last steps, indices
+    0 and T-1 here); then ``abar = s^2`` and ``beta_t = 1 - abar_t / abar_{t-1}`` (``abar_0 = 1``),
+    so the last beta is exactly 1. Lin et al. pair it with v-prediction and with sampling that
+    starts at the last step.
+
+    Args:
+        betas: ``(T,)`` betas of the original schedule (T >= 2).
+
+    Returns:
+        ``(T,)`` float64 betas with ``alphas_cumprod[-1] == 0`` and ``alphas_cumprod[0]`` as before.
+
+    Raises:
+        ValueError: fewer than 2 steps, or a schedule whose ``abar`` is already constant.
+    """
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.ndim != 1 or betas.size < 2:
+        raise ValueError(f"zero terminal SNR needs a 1-D schedule of at least 2 steps, got shape {betas.shape}")
+    s = np.sqrt(np.cumprod(1.0 - betas))
+    s_first, s_last = s[0], s[-1]
+    if not s_first > s_last:
+        raise ValueError("zero terminal SNR: alphas_cumprod does not decrease over the schedule")
+    s = (s - s_last) * s_first / (s_first - s_last)
+    abar = s**2
+    abar[-1] = 0.0  # exact, not a rounding residue
+    prev = np.append(1.0, abar[:-1])
+    return 1.0 - abar / prev
+
+
 class ModelMeanType(enum.Enum):
     """What the network predicts."""
 
     PREVIOUS_X = enum.auto()  # the posterior mean of x_{t-1}
     START_X = enum.auto()  # x_0
     EPSILON = enum.auto()  # the noise
+    # Extension: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, Appendix D).
+    VELOCITY = enum.auto()
 
 
 class ModelVarType(enum.Enum):
@@ -178,7 +225,7 @@ class GaussianDiffusion:
         rescale_timesteps: feed the network ``t * 1000 / T`` (floats) instead of integer ``t``.
 
     Raises:
-        ValueError: betas not 1-D or outside (0, 1].
+        ValueError: betas not 1-D or outside (0, 1]; epsilon prediction with a zero terminal SNR.
     """
 
     _TABLE_NAMES = (
@@ -226,6 +273,11 @@ class GaussianDiffusion:
 
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas, axis=0)
+        if model_mean_type == ModelMeanType.EPSILON and self.alphas_cumprod[-1] == 0.0:
+            raise ValueError(
+                "epsilon prediction is undefined where alphas_cumprod = 0 (x_0 = (x_t - eps) / 0 at the "
+                "last step of a zero-terminal-SNR schedule); predict v (ModelMeanType.VELOCITY) or x_0"
+            )
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
         self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
 
@@ -233,8 +285,9 @@ class GaussianDiffusion:
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
-        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
-        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
+        with np.errstate(divide="ignore"):  # inf where abar = 0 (zero terminal SNR); unused there
+            self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+            self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
 
         # q(x_{t-1} | x_t, x_0)
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
@@ -395,11 +448,8 @@ class GaussianDiffusion:
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:
             pred_xstart = process_xstart(self._predict_xstart_from_xprev(x_t=x, t=t, xprev=model_output))
             model_mean = model_output
-        elif self.model_mean_type in (ModelMeanType.START_X, ModelMeanType.EPSILON):
-            if self.model_mean_type == ModelMeanType.START_X:
-                pred_xstart = process_xstart(model_output)
-            else:
-                pred_xstart = process_xstart(self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output))
+        elif self.model_mean_type in (ModelMeanType.START_X, ModelMeanType.EPSILON, ModelMeanType.VELOCITY):
+            pred_xstart = process_xstart(self.predict_xstart_from_output(x, t, model_output))
             model_mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
         else:  # pragma: no cover - exhaustive enum
             raise NotImplementedError(self.model_mean_type)
@@ -410,6 +460,62 @@ class GaussianDiffusion:
             "log_variance": model_log_variance,
             "pred_xstart": pred_xstart,
         }
+
+    def predict_xstart_from_output(
+        self, x_t: torch.Tensor, t: torch.Tensor, model_output: torch.Tensor
+    ) -> torch.Tensor:
+        """The ``x_0`` implied by a raw model output, for every :class:`ModelMeanType` (unclipped).
+
+        * ``START_X``: the output itself;
+        * ``EPSILON``: ``(x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (Ho et al. 2020, Eq. 15);
+        * ``VELOCITY``: ``sqrt(abar_t) x_t - sqrt(1 - abar_t) v`` (Salimans & Ho 2022, Appendix D);
+        * ``PREVIOUS_X``: the posterior mean inverted for ``x_0``.
+
+        Args:
+            x_t: ``(B, C, ...)`` noisy samples at step ``t`` (indices of this object's schedule).
+            t: ``(B,)`` integer timesteps.
+            model_output: ``(B, C, ...)``, or ``(B, 2C, ...)`` with a learned variance (the variance
+                channels are dropped).
+
+        Returns:
+            ``(B, C, ...)`` predicted ``x_0`` (no clipping, no ``denoised_fn``).
+
+        Raises:
+            ValueError: the output does not have ``C`` (or ``2C`` with learned variance) channels.
+        """
+        C = x_t.shape[1]
+        learned = self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+        if learned and model_output.shape[1] == 2 * C:
+            model_output = model_output[:, :C]
+        if model_output.shape != x_t.shape:
+            raise ValueError(
+                f"model output shape {tuple(model_output.shape)} does not fit x_t {tuple(x_t.shape)}"
+                + (" (2C channels with learned variance)" if learned else "")
+            )
+        if self.model_mean_type == ModelMeanType.START_X:
+            return model_output
+        if self.model_mean_type == ModelMeanType.EPSILON:
+            return self._predict_xstart_from_eps(x_t=x_t, t=t, eps=model_output)
+        if self.model_mean_type == ModelMeanType.VELOCITY:
+            return self._predict_xstart_from_v(x_t=x_t, t=t, v=model_output)
+        return self._predict_xstart_from_xprev(x_t=x_t, t=t, xprev=model_output)
+
+    def _signal_minus_noise(self, t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``sqrt(abar_t) a - sqrt(1 - abar_t) b``: v from (eps, x_0), and x_0 from (x_t, v)."""
+        return (
+            self._extract("sqrt_alphas_cumprod", t, a.shape) * a
+            - self._extract("sqrt_one_minus_alphas_cumprod", t, a.shape) * b
+        )
+
+    def _predict_v(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0`` (Salimans & Ho 2022, Appendix D)."""
+        return self._signal_minus_noise(t, noise, x_start)
+
+    def _predict_xstart_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v`` (finite at every step, also where abar = 0)."""
+        if x_t.shape != v.shape:
+            raise ValueError(f"x_t shape {tuple(x_t.shape)} != v shape {tuple(v.shape)}")
+        return self._signal_minus_noise(t, x_t, v)
 
     def _predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """``x_0 = sqrt(1 / abar_t) x_t - sqrt(1 / abar_t - 1) eps``."""
@@ -434,10 +540,14 @@ class GaussianDiffusion:
     def _predict_eps_from_xstart(
         self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor
     ) -> torch.Tensor:
-        """``eps = (sqrt(1 / abar_t) x_t - x_0) / sqrt(1 / abar_t - 1)``."""
+        """``eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)``.
+
+        Upstream writes ``(sqrt(1 / abar) x_t - x_0) / sqrt(1 / abar - 1)``; this is the same value
+        multiplied through by ``sqrt(abar)``, and stays finite where ``abar_t = 0``.
+        """
         return (
-            self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart
-        ) / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape)
+            x_t - self._extract("sqrt_alphas_cumprod", t, x_t.shape) * pred_xstart
+        ) / self._extract("sqrt_one_minus_alphas_cumprod", t, x_t.shape)
 
     # ------------------------------------------------------------ DDPM sampler
 
@@ -713,7 +823,7 @@ class GaussianDiffusion:
         """Training losses for one batch at timesteps ``t``.
 
         * KL / RESCALED_KL: the variational-bound term (times ``T`` when rescaled).
-        * MSE / RESCALED_MSE: mean squared error on the mean target (epsilon, x_0 or the
+        * MSE / RESCALED_MSE: mean squared error on the mean target (epsilon, x_0, v or the
           posterior mean); with a learned variance, plus the VB term computed from a frozen mean
           so that it trains only the variance channels (iDDPM hybrid loss, lambda = 0.001 via the
           ``T / 1000`` rescale).
@@ -769,6 +879,8 @@ class GaussianDiffusion:
             target = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)[0]
         elif self.model_mean_type == ModelMeanType.START_X:
             target = x_start
+        elif self.model_mean_type == ModelMeanType.VELOCITY:
+            target = self._predict_v(x_start, t, noise)
         else:
             target = noise
         if model_output.shape != target.shape:

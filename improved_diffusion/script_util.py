@@ -5,7 +5,9 @@ Provenance: API of ``improved_diffusion/script_util.py`` in ``openai/improved-di
 
 Local changes: no super-resolution helpers; ``create_model`` raises ``ValueError`` for image sizes
 without a channel-multiplier preset (upstream: 256, 64, 32) unless ``channel_mult`` is given. The
-MedSegDiff networks themselves are built by :mod:`medsegdiff.nets`.
+MedSegDiff networks themselves are built by :mod:`medsegdiff.nets`. Two extensions of the diffusion
+settings (default off, so upstream settings build the same object): ``predict_v`` (v-prediction,
+Salimans & Ho 2022, Appendix D) and ``zero_terminal_snr`` (Lin et al. 2023, Algorithm 1).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def diffusion_defaults() -> dict[str, Any]:
         "predict_xstart": False,
         "rescale_timesteps": True,
         "rescale_learned_sigmas": True,
+        "predict_v": False,
+        "zero_terminal_snr": False,
     }
 
 
@@ -137,6 +141,8 @@ def create_model_and_diffusion(
     rescale_learned_sigmas: bool,
     use_checkpoint: bool,
     use_scale_shift_norm: bool,
+    predict_v: bool = False,
+    zero_terminal_snr: bool = False,
 ) -> tuple[Any, SpacedDiffusion]:
     """``(model, diffusion)`` from the flat settings of :func:`model_and_diffusion_defaults`."""
     model = create_model(
@@ -148,6 +154,7 @@ def create_model_and_diffusion(
         steps=diffusion_steps, learn_sigma=learn_sigma, sigma_small=sigma_small, noise_schedule=noise_schedule,
         use_kl=use_kl, predict_xstart=predict_xstart, rescale_timesteps=rescale_timesteps,
         rescale_learned_sigmas=rescale_learned_sigmas, timestep_respacing=timestep_respacing,
+        predict_v=predict_v, zero_terminal_snr=zero_terminal_snr,
     )
     return model, diffusion
 
@@ -163,19 +170,28 @@ def create_gaussian_diffusion(
     rescale_timesteps: bool = False,
     rescale_learned_sigmas: bool = False,
     timestep_respacing: str | list[int] = "",
+    predict_v: bool = False,
+    zero_terminal_snr: bool = False,
 ) -> SpacedDiffusion:
     """A :class:`SpacedDiffusion` (all steps when ``timestep_respacing`` is empty).
 
     Loss: RESCALED_KL if ``use_kl``, else RESCALED_MSE if ``rescale_learned_sigmas``, else MSE.
-    Mean: START_X if ``predict_xstart`` else EPSILON. Variance: LEARNED_RANGE if ``learn_sigma``,
-    else FIXED_SMALL if ``sigma_small``, else FIXED_LARGE.
+    Mean: VELOCITY if ``predict_v``, START_X if ``predict_xstart``, else EPSILON. Variance:
+    LEARNED_RANGE if ``learn_sigma``, else FIXED_SMALL if ``sigma_small``, else FIXED_LARGE.
+    ``zero_terminal_snr`` rescales the named schedule with
+    :func:`~improved_diffusion.gaussian_diffusion.rescale_zero_terminal_snr`.
 
     Raises:
         ValueError / NotImplementedError: bad schedule or respacing (see
             :func:`~improved_diffusion.gaussian_diffusion.get_named_beta_schedule` and
-            :func:`~improved_diffusion.respace.space_timesteps`).
+            :func:`~improved_diffusion.respace.space_timesteps`); both ``predict_v`` and
+            ``predict_xstart``; epsilon prediction with ``zero_terminal_snr``.
     """
+    if predict_v and predict_xstart:
+        raise ValueError("predict_v and predict_xstart are exclusive: choose one parametrisation")
     betas = gd.get_named_beta_schedule(noise_schedule, steps)
+    if zero_terminal_snr:
+        betas = gd.rescale_zero_terminal_snr(betas)
     if use_kl:
         loss_type = gd.LossType.RESCALED_KL
     elif rescale_learned_sigmas:
@@ -190,10 +206,16 @@ def create_gaussian_diffusion(
         var_type = gd.ModelVarType.FIXED_SMALL
     else:
         var_type = gd.ModelVarType.FIXED_LARGE
+    if predict_v:
+        mean_type = gd.ModelMeanType.VELOCITY
+    elif predict_xstart:
+        mean_type = gd.ModelMeanType.START_X
+    else:
+        mean_type = gd.ModelMeanType.EPSILON
     return SpacedDiffusion(
         use_timesteps=space_timesteps(steps, timestep_respacing),
         betas=betas,
-        model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
+        model_mean_type=mean_type,
         model_var_type=var_type,
         loss_type=loss_type,
         rescale_timesteps=rescale_timesteps,

@@ -15,6 +15,20 @@ class DiffusionConfig:
         "linear", doc="linear (1e-4..0.02 scaled by 1000/T; needs T > 20) or cosine (iDDPM)"
     )
     predict_xstart: bool = option(False, doc="model predicts x0 instead of epsilon")
+    predict_v: bool = option(
+        False,
+        doc="model predicts v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022, App. D); "
+        "exclusive with predict_xstart",
+    )
+    zero_terminal_snr: bool = option(
+        False,
+        doc="rescale the schedule so abar_T = 0 (Lin et al. 2023, Alg. 1); needs predict_v or predict_xstart",
+    )
+    self_condition: bool = option(
+        False,
+        doc="self-conditioning (Chen et al. 2022, Alg. 1): the network also sees its own detached x0 "
+        "estimate (zeros in half of the training batches); builds the model with 2 mask channels",
+    )
     learn_sigma: bool = option(False, doc="learned-range variance (hybrid MSE + VB loss)")
     sigma_small: bool = option(False, doc="fixed-small instead of fixed-large variance")
     use_kl: bool = option(False, doc="train on the variational bound (rescaled KL) instead of MSE")
@@ -31,6 +45,17 @@ class DiffusionConfig:
 
     def validate(self, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
+        if self.predict_v and self.predict_xstart:
+            raise bad_value(
+                f"{p}predict_v", self.predict_v,
+                f"allowed: true only with {p}predict_xstart=false (one parametrisation: epsilon, x0 or v)",
+            )
+        if self.zero_terminal_snr and not (self.predict_v or self.predict_xstart):
+            raise bad_value(
+                f"{p}zero_terminal_snr", self.zero_terminal_snr,
+                "allowed: true only with v or x0 prediction; epsilon prediction cannot recover x0 where "
+                f"abar_T = 0 (Lin et al. 2023 pair it with v): set {p}predict_v=true",
+            )
         if self.noise_schedule == "linear" and self.steps <= 20:
             raise bad_value(
                 f"{p}steps", self.steps,

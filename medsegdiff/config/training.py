@@ -10,14 +10,41 @@ from medsegdiff.config.base import bad_value, option
 
 @dataclass
 class LossConfig:
-    """Multi-task loss: diffusion term + Dice/BCE on the predicted clean mask (+ V2 anchor)."""
+    """Multi-task loss: diffusion term + Dice/BCE on the predicted clean mask (+ V2 anchor).
+
+    ``configs/loss/v2_paper.yaml`` is MedSegDiff-V2's published loss (noise MSE every step, anchor
+    Dice + CE every ``anchor_every`` steps); ``configs/loss/default.yaml`` is our mix with Dice/BCE
+    on x0-hat, which is not the paper's.
+    """
 
     dice_weight: float = option(1.0, ge=0.0)
     bce_weight: float = option(1.0, ge=0.0)
     anchor_weight: float = option(1.0, ge=0.0, doc="V2 anchor head (Dice + BCE against the mask)")
     diffusion_weight: float = option(1.0, ge=0.0)
     timestep_weighting: Literal["none", "snr", "alpha_bar"] = option(
-        "snr", doc="weight of the auxiliary terms per timestep (snr = min(SNR, 1))"
+        "snr",
+        doc="weight of the x0-hat Dice/BCE per timestep: none = 1, snr = min(SNR, snr_cap) / snr_cap, "
+        "alpha_bar = abar_t",
+    )
+    snr_cap: float = option(
+        1.0, gt=0.0,
+        doc="SNR at and above which the x0-hat Dice/BCE get full weight with timestep_weighting=snr "
+        "(below it the weight falls linearly with SNR, towards 0 at pure noise)",
+    )
+    diffusion_weighting: Literal["none", "min_snr", "snr_plus_one"] = option(
+        "none",
+        doc="per-timestep weight of the diffusion MSE: none; min_snr = min-SNR-gamma (Hang et al. 2023; "
+        "x0 weight min(SNR, gamma)); snr_plus_one = x0 weight SNR + 1, v's implicit weight (Salimans & Ho "
+        "2022, Sec. 4; for epsilon (SNR + 1) / SNR)",
+    )
+    min_snr_gamma: float = option(5.0, gt=0.0, doc="gamma of diffusion_weighting=min_snr (Hang et al. 2023: 5)")
+    anchor_every: int = option(
+        1, ge=1,
+        doc="apply the V2 anchor term on every N-th optimiser step only (the alpha of MedSegDiff-V2's "
+        "loss, Wu et al. 2024); 1 = every step",
+    )
+    anchor_bce_weight: float = option(
+        1.0, ge=0.0, doc="weight of the BCE inside the anchor term: Dice + w * BCE (the beta of MedSegDiff-V2)"
     )
     strategy: Literal["fixed", "warmup", "uncertainty"] = option(
         "fixed", doc="fixed weights, linear warm-in of aux terms, or learned uncertainty (Kendall 2018)"

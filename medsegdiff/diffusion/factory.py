@@ -43,6 +43,8 @@ def build_diffusion(cfg: DiffusionConfig, respacing: str = "") -> SpacedDiffusio
             rescale_timesteps=cfg.rescale_timesteps,
             rescale_learned_sigmas=cfg.rescale_learned_sigmas,
             timestep_respacing=respacing,
+            predict_v=cfg.predict_v,
+            zero_terminal_snr=cfg.zero_terminal_snr,
         )
     except (ValueError, NotImplementedError) as err:
         what = f"respacing {respacing!r} with " if respacing else ""

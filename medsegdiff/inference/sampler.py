@@ -15,7 +15,10 @@ image at every one of its 1000 steps and saves each member as a JPEG. Here:
   are Python floats computed before the loop;
 * noise is counter-based: the noise of member ``m`` at step ``k`` is drawn from a generator seeded
   by ``(base_seed, m, k)`` over the whole volume, so batching, chunking and the naive
-  member-by-member / slice-by-slice loop produce the same numbers.
+  member-by-member / slice-by-slice loop produce the same numbers;
+* a self-conditioned network (``model.self_condition``; Chen et al. 2022, arXiv:2208.04202,
+  Algorithm 2) gets the previous step's ``x0`` estimate (zeros at the first step) through
+  :func:`medsegdiff.diffusion.self_condition.concat_self_cond`.
 
 The probability of lesion is ``(x0_hat + 1) / 2`` clamped to [0, 1] (masks live in [-1, 1]).
 """
@@ -29,6 +32,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor
+
+from medsegdiff.diffusion.self_condition import concat_self_cond
 
 SamplerName = Literal["ddim", "ddpm"]
 
@@ -92,8 +97,12 @@ def _step(
     model_kwargs: dict[str, Any],
     clip_denoised: bool,
     noise: Tensor | None,
-) -> Tensor:
-    """One reverse step ``x_k -> x_{k-1}`` (respaced index ``k``) for a batch ``x`` ``(B, 1, *S)``."""
+) -> tuple[Tensor, Tensor]:
+    """One reverse step ``x_k -> x_{k-1}`` (respaced index ``k``) for a batch ``x`` ``(B, 1, *S)``.
+
+    Returns:
+        ``(x_{k-1}, x0 estimate)``, both float32 ``(B, 1, *S)``.
+    """
     t = torch.full((x.shape[0],), k, device=x.device, dtype=torch.long)
     # The step itself is the core's (improved_diffusion): ancestral p_sample (Ho et al. 2020,
     # Algorithm 2) or ddim_sample (Song et al. 2021, eq. 12, eps re-derived from the clipped x0).
@@ -105,11 +114,15 @@ def _step(
         out = diffusion.ddim_sample(
             model_fn, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs, eta=tables.eta, noise=z
         )
-    return out["sample"].float()
+    return out["sample"].float(), out["pred_xstart"].float()
 
 
 def _make_model_fn(model: torch.nn.Module, device: torch.device, precision: str) -> Callable[..., Tensor]:
-    def model_fn(x: Tensor, ts: Tensor, **kwargs: Any) -> Tensor:
+    self_condition = bool(getattr(model, "self_condition", False))
+
+    def model_fn(x: Tensor, ts: Tensor, x0_prev: Tensor | None = None, **kwargs: Any) -> Tensor:
+        if self_condition:
+            x = concat_self_cond(x, x0_prev)
         with _autocast(device, precision):
             out = model(x, ts, **kwargs)
         return out.float()
@@ -268,13 +281,14 @@ def _sample_fast(
         kwargs = {"image_features": repeat_features(feats, nm)}
         # Batch order is slice-major (slice i member m at i * nm + m), matching repeat_interleave.
         x = x_T[m0:m1, s0:s1].transpose(0, 1).reshape(ns * nm, 1, *spatial)
+        kwargs.pop("x0_prev", None)
         for k in reversed(range(tables.num_steps)):
             z = None
             if tables.stochastic and k > 0:
                 z = torch.stack(
                     [member_noise(base_seed, m, k + 1, vol_shape, device)[s0:s1] for m in range(m0, m1)]
                 ).transpose(0, 1).reshape(ns * nm, 1, *spatial)
-            x = _step(diffusion, model_fn, tables, sampler, x, k, kwargs, clip_denoised, z)
+            x, kwargs["x0_prev"] = _step(diffusion, model_fn, tables, sampler, x, k, kwargs, clip_denoised, z)
             if bar is not None:
                 bar.update(1)
         prob = ((x + 1.0) * 0.5).clamp_(0.0, 1.0).reshape(ns, nm, *spatial).transpose(0, 1)
@@ -318,7 +332,7 @@ def _sample_naive(
                 z = None
                 if tables.stochastic and k > 0:
                     z = member_noise(base_seed, m, k + 1, vol_shape, device)[i : i + 1]
-                x = _step(diffusion, model_fn, tables, sampler, x, k, kwargs, clip_denoised, z)
+                x, kwargs["x0_prev"] = _step(diffusion, model_fn, tables, sampler, x, k, kwargs, clip_denoised, z)
                 if bar is not None:
                     bar.update(1)
             out[m, i] = ((x[0, 0] + 1.0) * 0.5).clamp(0.0, 1.0)

@@ -3,11 +3,18 @@
 MedSegDiff trains on the diffusion loss plus auxiliary segmentation terms on the predicted clean
 mask (Dice, BCE) and, for V2, on the anchor head. Two questions arise:
 
-1. **Per timestep** (:func:`timestep_weights`): at nearly pure-noise steps the predicted ``x0`` is
-   a poor, blurry guess, and a Dice/BCE term there would dominate the gradient. ``"snr"`` weights a
-   sample by ``min(SNR(t), 1)`` with ``SNR(t) = abar_t / (1 - abar_t)`` (the clipped-SNR idea of
-   Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", applied to the
-   auxiliary terms); ``"alpha_bar"`` weights by ``abar_t``; ``"none"`` by 1.
+1. **Per timestep, auxiliary terms** (:func:`timestep_weights`): at nearly pure-noise steps the
+   input no longer determines the mask, so Dice/BCE on ``x0`` there train an image-to-mask regressor
+   (the model predicts the mask from pure noise and its ensemble members collapse). ``"snr"`` weights
+   a sample by ``min(SNR(t), cap) / cap`` with ``SNR(t) = abar_t / (1 - abar_t)`` (the clipped-SNR idea
+   of Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", applied to the
+   auxiliary terms; ``cap = 1`` by default); ``"alpha_bar"`` weights by ``abar_t``; ``"none"`` by 1.
+   **Per timestep, diffusion MSE** (:func:`min_snr_weights`): min-SNR-gamma of Hang et al. 2023
+   (Sec. 3.4), expressed for the network's target: the weight on the x0 MSE is ``min(SNR, gamma)``;
+   since ``|eps - eps_hat|^2 = SNR |x0 - x0_hat|^2`` and ``|v - v_hat|^2 = (SNR + 1) |x0 - x0_hat|^2``,
+   the epsilon MSE gets ``min(SNR, gamma) / SNR`` and the v MSE ``min(SNR, gamma) / (SNR + 1)``.
+   :func:`snr_plus_one_weights` gives any parametrisation v's implicit x0 weight ``SNR + 1``
+   (Salimans & Ho 2022, Sec. 4), e.g. epsilon prediction with an x0 loss that counts at noisy steps.
 2. **Across terms** (:class:`LossCombiner`): ``"fixed"`` weights, ``"warmup"`` (auxiliary terms fade
    in linearly), or ``"uncertainty"`` (learned homoscedastic uncertainty, Kendall, Gal & Cipolla,
    CVPR 2018, "Multi-Task Learning Using Uncertainty to Weigh Losses for Scene Geometry and
@@ -23,6 +30,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from improved_diffusion.gaussian_diffusion import ModelMeanType
 
 TimestepWeighting = Literal["none", "snr", "alpha_bar"]
 Strategy = Literal["fixed", "warmup", "uncertainty"]
@@ -55,31 +64,97 @@ def _alphas_cumprod(diffusion: Any, device: torch.device) -> Tensor:
     return table
 
 
-def timestep_weights(diffusion: Any, t: Tensor, mode: TimestepWeighting = "snr") -> Tensor:
+def _snr(diffusion: Any, t: Tensor) -> Tensor:
+    """``SNR(t) = abar_t / (1 - abar_t)`` in float64 (0 where abar = 0)."""
+    abar = _alphas_cumprod(diffusion, t.device)[t.long()]
+    return abar / (1.0 - abar)
+
+
+def timestep_weights(
+    diffusion: Any, t: Tensor, mode: TimestepWeighting = "snr", *, snr_cap: float = 1.0
+) -> Tensor:
     """Per-sample weights of the auxiliary loss terms for timesteps ``t``.
 
     Args:
         diffusion: an improved_diffusion ``GaussianDiffusion``/``SpacedDiffusion`` (uses its
             ``alphas_cumprod``; ``t`` indexes that table, as in ``training_losses``).
         t: ``(B,)`` integer timesteps.
-        mode: ``"none"`` -> 1; ``"snr"`` -> ``min(abar_t / (1 - abar_t), 1)``; ``"alpha_bar"`` ->
+        mode: ``"none"`` -> 1; ``"snr"`` -> ``min(SNR_t, snr_cap) / snr_cap``; ``"alpha_bar"`` ->
             ``abar_t``.
+        snr_cap: SNR from which ``"snr"`` gives full weight (``loss.snr_cap``).
 
     Returns:
         ``(B,)`` float32 weights in ``[0, 1]`` on ``t``'s device (no gradient).
 
     Raises:
-        ValueError: unknown ``mode``.
+        ValueError: unknown ``mode`` or ``snr_cap <= 0``.
     """
     if mode == "none":
         return torch.ones(t.shape, dtype=torch.float32, device=t.device)
     if mode not in TIMESTEP_WEIGHTINGS:
         raise ValueError(f"timestep_weights: mode {mode!r} is unknown; allowed: {', '.join(TIMESTEP_WEIGHTINGS)}")
-    abar = _alphas_cumprod(diffusion, t.device)[t.long()]
     if mode == "alpha_bar":
-        return abar.float()
-    snr = abar / (1.0 - abar)
-    return torch.clamp(snr, max=1.0).float()
+        return _alphas_cumprod(diffusion, t.device)[t.long()].float()
+    if not snr_cap > 0:
+        raise ValueError(f"timestep_weights: snr_cap must be > 0, got {snr_cap}")
+    return (torch.clamp(_snr(diffusion, t), max=snr_cap) / snr_cap).float()
+
+
+def _x0_weight_to_target(diffusion: Any, snr: Tensor, x0_weight: Tensor, name: str) -> Tensor:
+    """Turn a weight on the x0 MSE into the same weight on the network's own target MSE.
+
+    ``|eps - eps_hat|^2 = SNR |x0 - x0_hat|^2`` and ``|v - v_hat|^2 = (SNR + 1) |x0 - x0_hat|^2``.
+    """
+    mean_type = diffusion.model_mean_type
+    if mean_type == ModelMeanType.EPSILON:
+        return x0_weight / snr
+    if mean_type == ModelMeanType.START_X:
+        return x0_weight
+    if mean_type == ModelMeanType.VELOCITY:
+        return x0_weight / (snr + 1.0)
+    raise ValueError(f"{name}: no weighting for {mean_type}; use epsilon, x0 or v")
+
+
+def min_snr_weights(diffusion: Any, t: Tensor, gamma: float = 5.0) -> Tensor:
+    """Min-SNR-gamma weights of the diffusion MSE for the diffusion's parametrisation.
+
+    Hang et al. 2023 (arXiv:2303.09556, Sec. 3.4): the x0 loss is weighted by ``min(SNR, gamma)``;
+    for the network's own target this is ``min(SNR, gamma) / SNR`` (epsilon), ``min(SNR, gamma)``
+    (x0) and ``min(SNR, gamma) / (SNR + 1)`` (v).
+
+    Args:
+        diffusion: the training diffusion (``alphas_cumprod``, ``model_mean_type``).
+        t: ``(B,)`` integer timesteps.
+        gamma: the clamp (Hang et al.: 5).
+
+    Returns:
+        ``(B,)`` float32 weights on ``t``'s device (no gradient).
+
+    Raises:
+        ValueError: ``gamma <= 0``, or a mean type without a min-SNR form (``PREVIOUS_X``).
+    """
+    if not gamma > 0:
+        raise ValueError(f"min_snr_weights: gamma must be > 0, got {gamma}")
+    snr = _snr(diffusion, t)
+    return _x0_weight_to_target(diffusion, snr, torch.clamp(snr, max=gamma), "min_snr_weights").float()
+
+
+def snr_plus_one_weights(diffusion: Any, t: Tensor) -> Tensor:
+    """Weights that give the diffusion MSE the x0 weight ``SNR + 1`` ("SNR+1" weighting).
+
+    Salimans & Ho 2022 (arXiv:2202.00512, Sec. 4): the v loss equals the x0 loss weighted by
+    ``SNR + 1``, at least 1 at every step. For the network's own target: ``(SNR + 1) / SNR``
+    (epsilon: its x0 estimate is then trained at noisy steps too), ``SNR + 1`` (x0), ``1`` (v).
+    At zero SNR the epsilon weight is infinite (refused there anyway, x0 being undefined).
+
+    Returns:
+        ``(B,)`` float32 weights on ``t``'s device (no gradient).
+
+    Raises:
+        ValueError: a mean type without this form (``PREVIOUS_X``).
+    """
+    snr = _snr(diffusion, t)
+    return _x0_weight_to_target(diffusion, snr, snr + 1.0, "snr_plus_one_weights").float()
 
 
 class LossCombiner(nn.Module):

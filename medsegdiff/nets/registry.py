@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch.nn as nn
 
@@ -34,13 +35,15 @@ def model_size(cfg) -> tuple[int, ...]:
 def _spec(cfg):
     from medsegdiff.nets.unet import NetSpec
 
-    return NetSpec.from_config(
+    spec = NetSpec.from_config(
         cfg.model,
         in_channels=cfg.data.in_channels,
         size=model_size(cfg),
         dims=cfg.data.dims,
         out_channels=2 if cfg.diffusion.learn_sigma else 1,
     )
+    # Self-conditioning (Chen et al. 2022): x_t and the previous x0 estimate as two mask channels.
+    return replace(spec, mask_channels=2) if cfg.diffusion.self_condition else spec
 
 
 @register_model("medsegdiff_v1")
@@ -92,4 +95,6 @@ def build_model(cfg) -> nn.Module:
         raise ConfigError(
             f"config key 'model.name': got {name!r}; known models: {', '.join(sorted(MODELS))}"
         ) from None
-    return builder(cfg)
+    model = builder(cfg)
+    model.self_condition = bool(cfg.diffusion.self_condition) and getattr(model, "is_diffusion", True)
+    return model

@@ -17,12 +17,16 @@ class StubDiffusionModel(nn.Module):
 
     is_diffusion = True
 
-    def __init__(self, in_ch: int = 2, out_ch: int = 1, anchor: bool = False, dims: int = 2) -> None:
+    def __init__(
+        self, in_ch: int = 2, out_ch: int = 1, anchor: bool = False, dims: int = 2, self_condition: bool = False
+    ) -> None:
         super().__init__()
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
-        self.net = conv(1 + in_ch, out_ch, 1)
+        self.self_condition = self_condition
+        self.net = conv((2 if self_condition else 1) + in_ch, out_ch, 1)
         self.anchor_head = conv(in_ch, 1, 1) if anchor else None
         self.seen_t: list[torch.Tensor] = []
+        self.seen_x: list[torch.Tensor] = []  # the network inputs (with the self-conditioning channel)
 
     def encode_image(self, image):
         return [image]
@@ -33,6 +37,7 @@ class StubDiffusionModel(nn.Module):
     def forward(self, x_t, timesteps, image=None, image_features=None, return_anchor=False):
         feats = self.encode_image(image) if image is not None else list(image_features)
         self.seen_t.append(timesteps.detach().clone())
+        self.seen_x.append(x_t)
         out = self.net(torch.cat([x_t, feats[0]], 1))
         if return_anchor:
             return out, self.anchor_logits(feats)
@@ -40,7 +45,7 @@ class StubDiffusionModel(nn.Module):
 
 
 class OracleModel(nn.Module):
-    """Reads the true mask from image channel 0 and returns the exact eps (or x0) for it.
+    """Reads the true mask from image channel 0 and returns the exact eps (or x0, or v) for it.
 
     ``sign=-1`` predicts the opposite mask. A learned-sigma model gets a zero variance channel.
     """
@@ -59,7 +64,8 @@ class OracleModel(nn.Module):
             out = x0
         else:
             ab = self.abar[timesteps.long()].reshape(-1, *([1] * (x_t.ndim - 1)))
-            out = ((x_t.double() - ab.sqrt() * x0.double()) / (1 - ab).sqrt()).float()
+            eps = (x_t.double() - ab.sqrt() * x0.double()) / (1 - ab).sqrt()
+            out = (ab.sqrt() * eps - (1 - ab).sqrt() * x0.double() if self.kind == "v" else eps).float()
         out = out + 0 * self.dummy
         if self.learn_sigma:
             out = torch.cat([out, torch.zeros_like(out)], 1)

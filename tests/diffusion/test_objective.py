@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medsegdiff.diffusion.factory import build_diffusion
-from medsegdiff.diffusion.objective import ObjectiveOutput, SegmentationObjective
+from medsegdiff.diffusion.objective import SELF_COND_PROB, ObjectiveOutput, SegmentationObjective
 from medsegdiff.errors import ConfigError
 
 
@@ -85,7 +85,9 @@ def test_explicit_t_and_noise_are_deterministic(stubs):
 
 
 @pytest.mark.parametrize("kind, diff", [("eps", {"steps": 100}), ("x0", {"steps": 100, "predict_xstart": True}),
-                                        ("eps", {"steps": 100, "learn_sigma": True})])
+                                        ("eps", {"steps": 100, "learn_sigma": True}),
+                                        ("v", {"steps": 100, "predict_v": True}),
+                                        ("v", {"steps": 100, "predict_v": True, "zero_terminal_snr": True})])
 def test_dice_zero_for_oracle_and_large_for_opposite(stubs, kind, diff):
     cfg, diffusion, obj = setup(stubs, diffusion=diff, loss={"timestep_weighting": "none"})
     batch = stubs["batch"]()
@@ -191,3 +193,128 @@ def test_objective_state_loads_with_weights_only(stubs, tmp_path):
     cfg2, diffusion2, obj2 = setup(stubs, diffusion={"steps": 30, "schedule_sampler": "loss-second-moment"})
     obj2.load_state_dict(state)
     assert obj2.schedule_sampler._loss_counts.sum() == 2
+
+
+# ----------------------------------------------------------------------- min-SNR-gamma weighting
+
+
+@pytest.mark.parametrize("mode", ["min_snr", "snr_plus_one"])
+@pytest.mark.parametrize("diff", [{"steps": 100}, {"steps": 100, "predict_xstart": True},
+                                  {"steps": 100, "predict_v": True}])
+def test_min_snr_weights_the_diffusion_mse(stubs, diff, mode):
+    # both samples at the same t: the weighted term is w(t) times the unweighted one
+    gamma = 5.0
+    _, diffusion, plain = setup(stubs, diffusion=diff, loss={"diffusion_weighting": "none"})
+    _, _, weighted = setup(stubs, diffusion=diff, loss={"diffusion_weighting": mode, "min_snr_gamma": gamma})
+    torch.manual_seed(3)
+    model = stubs["diffusion"]()
+    batch = stubs["batch"]()
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    for step_t in (2, 95):
+        t = torch.tensor([step_t, step_t])
+        a = plain(model, batch, 0, t=t, noise=noise).terms["diffusion"].item()
+        b = weighted(model, batch, 0, t=t, noise=noise).terms["diffusion"].item()
+        abar = diffusion.alphas_cumprod[step_t]
+        snr = abar / (1 - abar)
+        x0_weight = min(snr, gamma) if mode == "min_snr" else snr + 1  # the weight in x0 terms
+        w = {False: x0_weight / snr, True: x0_weight}[diff.get("predict_xstart", False)]
+        if diff.get("predict_v"):
+            w = x0_weight / (snr + 1)
+        assert b == pytest.approx(w * a, rel=1e-5)
+
+
+def test_min_snr_refuses_the_variational_bound(stubs):
+    cfg = stubs["cfg"](diffusion={"steps": 100, "use_kl": True}, loss={"diffusion_weighting": "min_snr"})
+    with pytest.raises(ConfigError, match="loss.diffusion_weighting.*use_kl"):
+        SegmentationObjective(cfg, build_diffusion(cfg.diffusion, ""))
+
+
+# ----------------------------------------------------------------- MedSegDiff-V2 anchor interval
+
+
+def test_anchor_applied_exactly_every_alpha_steps(stubs):
+    alpha, beta = 3, 0.25
+    _, _, obj = setup(stubs, loss={"anchor_every": alpha, "anchor_bce_weight": beta})
+    torch.manual_seed(5)
+    model = stubs["diffusion"](anchor=True)
+    batch = stubs["batch"]()
+    t, noise = torch.tensor([10, 50]), torch.randn(2, 1, 8, 8)
+    applied = []
+    for step in range(8):
+        model.zero_grad()
+        out = obj(model, batch, step, t=t, noise=noise)
+        out.loss.backward()
+        on = "anchor" in out.terms
+        applied.append(on)
+        assert out.terms["anchor_applied"].item() == float(on)
+        grad = model.anchor_head.weight.grad
+        assert (grad is not None and grad.abs().sum() > 0) == on  # the head learns only on those steps
+        if on:
+            expected = out.terms["anchor_dice"] + beta * out.terms["anchor_bce"]
+            assert out.terms["anchor"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert applied == [step % alpha == 0 for step in range(8)]
+
+
+def test_v2_paper_preset_is_noise_loss_plus_anchor(stubs, tmp_path):
+    # configs/loss/v2_paper.yaml: L = L_noise + 1[step = 0 mod alpha] (Dice + beta CE) (Wu et al. 2024)
+    from medsegdiff.config import load_config
+
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("defaults:\n  - loss/v2_paper\ndiffusion:\n  steps: 100\n  respacing: ddim10\n")
+    cfg = load_config(exp)
+    alpha = cfg.loss.anchor_every
+    assert alpha > 1 and cfg.loss.dice_weight == 0.0 and cfg.loss.bce_weight == 0.0
+    assert not cfg.diffusion.predict_xstart and cfg.loss.diffusion_weighting == "none"
+    obj = SegmentationObjective(cfg, build_diffusion(cfg.diffusion, ""))
+    model = stubs["diffusion"](anchor=True)
+    t, noise = torch.tensor([10, 50]), torch.randn(2, 1, 8, 8)
+    for step in (0, 1, alpha):
+        out = obj(model, stubs["batch"](), step, t=t, noise=noise)
+        expected = out.terms["diffusion"] + (out.terms["anchor"] if step % alpha == 0 else 0.0)
+        assert out.loss.item() == pytest.approx(float(expected), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------ self-conditioning
+
+
+def test_self_conditioning_second_pass_sees_detached_first_estimate(stubs):
+    _, diffusion, obj = setup(stubs, diffusion={"steps": 100, "self_condition": True})
+    torch.manual_seed(6)
+    model = stubs["diffusion"](self_condition=True)
+    batch = stubs["batch"]()
+    t, noise = torch.tensor([30, 70]), torch.randn(2, 1, 8, 8)
+    out = obj(model, batch, 0, t=t, noise=noise, self_cond=True)
+    assert len(model.seen_x) == 2 and out.terms["self_cond"].item() == 1.0
+    first, second = model.seen_x
+    assert torch.all(first[:, 1] == 0)  # Algorithm 1: the first pass sees a zero estimate
+    x_t = diffusion.q_sample(2 * batch["mask"] - 1, t, noise)
+    torch.testing.assert_close(first[:, :1], x_t)
+    torch.testing.assert_close(second[:, :1], x_t)
+    with torch.no_grad():
+        expected = diffusion.predict_xstart_from_output(x_t, t, model.net(torch.cat([first, batch["image"]], 1)))
+    torch.testing.assert_close(second[:, 1:], expected.clamp(-1, 1))
+    assert not second.requires_grad or not second[:, 1:].requires_grad
+    assert second[:, 1:].abs().sum() > 0
+    out.loss.backward()  # the gradient flows only through the second pass
+    assert model.net.weight.grad.abs().sum() > 0
+    model.seen_x.clear()
+    out = obj(model, batch, 0, t=t, noise=noise, self_cond=False)
+    assert len(model.seen_x) == 1 and torch.all(model.seen_x[0][:, 1] == 0)
+    assert out.terms["self_cond"].item() == 0.0
+
+
+def test_self_conditioning_half_of_the_batches(stubs):
+    _, _, obj = setup(stubs, diffusion={"steps": 100, "self_condition": True})
+    model = stubs["diffusion"](self_condition=True)
+    batch = stubs["batch"](b=1, size=4)
+    torch.manual_seed(7)
+    flags = []
+    for _ in range(200):
+        model.seen_x.clear()
+        out = obj(model, batch, 0)
+        flags.append(out.terms["self_cond"].item())
+        assert len(model.seen_x) == (2 if flags[-1] else 1)
+        if not flags[-1]:
+            assert torch.all(model.seen_x[0][:, 1] == 0)
+    assert SELF_COND_PROB == 0.5
+    assert 0.4 < sum(flags) / len(flags) < 0.6

@@ -22,7 +22,7 @@ def linear_alpha_bar(T: int) -> np.ndarray:
 
 
 class OracleEps:
-    """Knows x0: returns the exact noise for (x_t, original-scale t) of a base schedule."""
+    """Knows x0: returns the exact noise (``kind="eps"``), x0 or v for (x_t, original-scale t)."""
 
     def __init__(self, x0: torch.Tensor, alpha_bar: np.ndarray, kind: str = "eps") -> None:
         self.x0 = x0
@@ -36,6 +36,8 @@ class OracleEps:
             return self.x0.clone()
         ab = self.abar[t.long()].reshape(-1, *([1] * (x.ndim - 1)))
         eps = (x.double() - ab.sqrt() * self.x0.double()) / (1 - ab).sqrt()
+        if self.kind == "v":  # v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022, App. D)
+            return (ab.sqrt() * eps - (1 - ab).sqrt() * self.x0.double()).float()
         return eps.float()
 
 

@@ -149,11 +149,13 @@ def test_predict_roundtrips():
 
 
 @pytest.mark.parametrize("respacing", ["", "ddim10", "25"])
-@pytest.mark.parametrize("kind", ["eps", "x0"])
+@pytest.mark.parametrize("kind", ["eps", "x0", "v"])
 @pytest.mark.parametrize("loop", ["ddpm", "ddim"])
 def test_oracle_model_samples_return_x0(oracle_cls, respacing, kind, loop):
     T = 100
-    d = create_gaussian_diffusion(steps=T, predict_xstart=(kind == "x0"), timestep_respacing=respacing)
+    d = create_gaussian_diffusion(
+        steps=T, predict_xstart=(kind == "x0"), predict_v=(kind == "v"), timestep_respacing=respacing
+    )
     base_abar = np.cumprod(1 - gd.get_named_beta_schedule("linear", T))
     g = torch.Generator().manual_seed(2)
     x0 = torch.rand(2, 1, 4, 4, generator=g) * 1.8 - 0.9
@@ -394,3 +396,130 @@ def test_cuda_sampling_loop_never_synchronises(smooth_model):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.device.type == "cuda" and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------- v-prediction (Salimans & Ho 2022)
+
+
+def test_v_x0_eps_roundtrips():
+    # v = a eps - s x0;  x0 = a x_t - s v;  eps = s x_t + a v  (a = sqrt(abar), s = sqrt(1 - abar))
+    T = 100
+    d = make(T, mean=ModelMeanType.VELOCITY)
+    abar = closed_form_tables(T)[1]
+    g = torch.Generator().manual_seed(11)
+    x0 = torch.rand(3, 1, 4, 4, generator=g) * 2 - 1
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([0, 37, 99])
+    a = torch.tensor(np.sqrt(abar[t.numpy()]), dtype=torch.float32).reshape(-1, 1, 1, 1)
+    s = torch.sqrt(1 - a**2)
+    xt = d.q_sample(x0, t, eps)
+    v = d._predict_v(x0, t, eps)
+    torch.testing.assert_close(v, a * eps - s * x0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d.predict_xstart_from_output(xt, t, v), x0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(d._predict_eps_from_xstart(xt, t, d.predict_xstart_from_output(xt, t, v)), eps,
+                               rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(s * xt + a * v, eps, rtol=1e-4, atol=1e-5)
+
+
+def test_predict_xstart_from_output_every_mean_type(oracle_cls):
+    T = 50
+    abar = closed_form_tables(T)[1]
+    g = torch.Generator().manual_seed(12)
+    x0 = torch.rand(2, 1, 3, 3, generator=g) * 2 - 1
+    t = torch.tensor([4, 40])
+    xt = make(T).q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    for mean, kind in ((ModelMeanType.EPSILON, "eps"), (ModelMeanType.START_X, "x0"), (ModelMeanType.VELOCITY, "v")):
+        d = make(T, mean=mean)
+        out = oracle_cls(x0, abar, kind)(xt, t)
+        torch.testing.assert_close(d.predict_xstart_from_output(xt, t, out), x0, rtol=1e-4, atol=1e-4)
+        # with a learned variance the extra channels are dropped
+        d = make(T, mean=mean, var=ModelVarType.LEARNED_RANGE)
+        both = torch.cat([out, torch.full_like(out, 7.0)], 1)
+        torch.testing.assert_close(d.predict_xstart_from_output(xt, t, both), x0, rtol=1e-4, atol=1e-4)
+    d = make(T, mean=ModelMeanType.PREVIOUS_X)
+    mean_prev = d.q_posterior_mean_variance(x0, xt, t)[0]
+    torch.testing.assert_close(d.predict_xstart_from_output(xt, t, mean_prev), x0, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="does not fit x_t"):
+        make(T).predict_xstart_from_output(xt, t, torch.zeros(2, 2, 3, 3))
+
+
+def test_v_mse_is_x0_mse_times_snr_plus_one():
+    T = 100
+    d = make(T, mean=ModelMeanType.VELOCITY)
+    abar = closed_form_tables(T)[1]
+    g = torch.Generator().manual_seed(13)
+    x0 = torch.rand(4, 1, 5, 5, generator=g) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([1, 20, 60, 99])
+    v_hat = torch.randn(x0.shape, generator=g)  # an arbitrary prediction
+    mse_v = d.training_losses(lambda x, ts: v_hat, x0, t, noise=noise)["mse"]
+    xt = d.q_sample(x0, t, noise)
+    x0_hat = d.predict_xstart_from_output(xt, t, v_hat)
+    mse_x0 = ((x0 - x0_hat) ** 2).mean(dim=(1, 2, 3))
+    snr = torch.tensor(abar[t.numpy()] / (1 - abar[t.numpy()]), dtype=torch.float32)
+    torch.testing.assert_close(mse_v, mse_x0 * (snr + 1), rtol=1e-4, atol=1e-6)
+    # the exact v has zero loss
+    v = d._predict_v(x0, t, noise)
+    assert d.training_losses(lambda x, ts: v, x0, t, noise=noise)["mse"].abs().max() < 1e-10
+
+
+def test_v_through_p_mean_variance_clips_and_ddim_step_matches_eps(oracle_cls):
+    # one DDIM step of a v-oracle equals the step of the eps-oracle on the same x_t
+    T = 100
+    abar = closed_form_tables(T)[1]
+    g = torch.Generator().manual_seed(14)
+    x0 = torch.rand(2, 1, 3, 3, generator=g) * 1.8 - 0.9
+    t = torch.tensor([70, 70])
+    xt = make(T).q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    dv, de = make(T, mean=ModelMeanType.VELOCITY), make(T)
+    a = dv.ddim_sample(oracle_cls(x0, abar, "v"), xt, t)["sample"]
+    b = de.ddim_sample(oracle_cls(x0, abar, "eps"), xt, t)["sample"]
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    out = dv.p_mean_variance(lambda x, ts: torch.full_like(x, -9.0), xt, t)
+    assert out["pred_xstart"].max() <= 1.0 and out["pred_xstart"].min() >= -1.0
+
+
+def test_predict_v_and_xstart_are_exclusive():
+    with pytest.raises(ValueError, match="exclusive"):
+        create_gaussian_diffusion(steps=100, predict_v=True, predict_xstart=True)
+    assert create_gaussian_diffusion(steps=100, predict_v=True).model_mean_type == ModelMeanType.VELOCITY
+
+
+# -------------------------------------------------------------- zero terminal SNR (Lin et al. 2023)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_zero_terminal_snr_schedule(schedule):
+    T = 1000
+    betas = gd.get_named_beta_schedule(schedule, T)
+    new = gd.rescale_zero_terminal_snr(betas)
+    abar_old, abar_new = np.cumprod(1 - betas), np.cumprod(1 - new)
+    assert abar_new[-1] == 0.0 and new[-1] == 1.0
+    assert abar_new[0] == pytest.approx(abar_old[0], rel=1e-12)
+    assert np.all(np.diff(abar_new) < 0) and np.all((new > 0) & (new <= 1))
+    # sqrt(abar) is an affine map of the old one: (s - s_T) * s_1 / (s_1 - s_T)
+    s_old = np.sqrt(abar_old)
+    expected = (s_old - s_old[-1]) * s_old[0] / (s_old[0] - s_old[-1])
+    np.testing.assert_allclose(np.sqrt(abar_new), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_zero_terminal_snr_refuses_epsilon_and_samples_with_v(oracle_cls):
+    T = 100
+    with pytest.raises(ValueError, match="epsilon prediction is undefined"):
+        create_gaussian_diffusion(steps=T, zero_terminal_snr=True)
+    d = create_gaussian_diffusion(steps=T, zero_terminal_snr=True, predict_v=True, timestep_respacing="3")
+    base = create_gaussian_diffusion(steps=T, zero_terminal_snr=True, predict_v=True)
+    assert 99 in d.timestep_map  # "3" keeps both ends: sampling starts at t = T
+    assert base.alphas_cumprod[-1] == 0.0 and d.alphas_cumprod[-1] == 0.0
+    g = torch.Generator().manual_seed(15)
+    x0 = torch.rand(2, 1, 3, 3, generator=g) * 1.8 - 0.9
+    model = oracle_cls(x0, base.alphas_cumprod, "v")
+    # at t = T the input is pure noise, and x0 = -v is still defined
+    xT = torch.randn(x0.shape, generator=g)
+    out = base.p_mean_variance(model, xT, torch.full((2,), T - 1))
+    torch.testing.assert_close(out["pred_xstart"], x0, rtol=1e-5, atol=1e-5)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    sample = d.ddim_sample_loop(model, x0.shape, noise=xT)
+    torch.testing.assert_close(sample, x0, rtol=1e-4, atol=1e-4)
+    loss = base.training_losses(model, x0, torch.tensor([T - 1, 0]))
+    assert torch.isfinite(loss["loss"]).all() and loss["mse"].max() < 1e-8

@@ -122,3 +122,33 @@ def test_fast_ddim_equals_the_core_ddim_sample_loop(tiny_model, tiny_diffusion):
             tiny_model, (3, 1, 8, 8), noise=x_T[m], model_kwargs={"image": images}, eta=0.0
         )
         assert torch.allclose(fast[m], ((ref[:, 0] + 1) / 2).clamp(0, 1), atol=1e-5)
+
+
+def test_self_conditioned_model_gets_the_previous_estimate(tiny_model, tiny_diffusion):
+    """Chen et al. 2022, Algorithm 2: step k sees the x0 estimate of step k+1 (zeros at the start)."""
+    from medsegdiff.diffusion.self_condition import concat_self_cond
+
+    torch.manual_seed(0)
+    tiny_model.inp = torch.nn.Conv2d(2, tiny_model.inp.out_channels, 3, padding=1)
+    tiny_model.self_condition = True
+    images = torch.randn(3, 2, 8, 8)
+    x_T = torch.randn(2, 3, 1, 8, 8)
+    fast = sample_probabilities(tiny_model, tiny_diffusion, images, members=2, noise=x_T, batch_size=4)
+    naive = sample_probabilities(tiny_model, tiny_diffusion, images, members=2, noise=x_T, naive=True)
+    torch.testing.assert_close(fast, naive, atol=1e-5, rtol=0)
+    for m in range(2):
+        x, prev, zeros_only = x_T[m], None, x_T[m]
+        for k in reversed(range(tiny_diffusion.num_timesteps)):
+            t = torch.full((3,), k)
+            with torch.no_grad():
+                out = tiny_diffusion.ddim_sample(
+                    lambda x, ts, p=prev, **kw: tiny_model(concat_self_cond(x, p), ts, **kw), x, t,
+                    model_kwargs={"image": images},
+                )
+                zeros_only = tiny_diffusion.ddim_sample(
+                    lambda x, ts, **kw: tiny_model(concat_self_cond(x, None), ts, **kw), zeros_only, t,
+                    model_kwargs={"image": images},
+                )["sample"]
+            x, prev = out["sample"], out["pred_xstart"]
+        torch.testing.assert_close(fast[m], ((x[:, 0] + 1) / 2).clamp(0, 1), atol=1e-5, rtol=0)
+        assert not torch.allclose(fast[m], ((zeros_only[:, 0] + 1) / 2).clamp(0, 1), atol=1e-4)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from medsegdiff.losses.multitask import LossCombiner, timestep_weights
+from improved_diffusion.gaussian_diffusion import ModelMeanType
+from medsegdiff.losses.multitask import LossCombiner, min_snr_weights, snr_plus_one_weights, timestep_weights
 
 
 def schedule():
@@ -114,3 +115,59 @@ def test_snr_weights_on_the_real_diffusion_schedule():
     w = timestep_weights(diffusion, torch.arange(len(abar)), "snr")
     assert w[0] == 1.0 and w[-1] < 1e-3  # pure-noise steps barely count
     assert bool((w[1:] <= w[:-1]).all())  # monotone in t
+
+
+def test_snr_cap_scales_the_snr_weights_by_hand():
+    # SNR 9, 0.818, 0.2195; cap 4 -> min(SNR, 4) / 4
+    w = timestep_weights(schedule(), torch.tensor([0, 1, 2]), "snr", snr_cap=4.0)
+    torch.testing.assert_close(w, torch.tensor([1.0, 0.45 / 0.55 / 4, 0.18 / 0.82 / 4]))
+    with pytest.raises(ValueError, match="snr_cap must be > 0"):
+        timestep_weights(schedule(), torch.tensor([0]), "snr", snr_cap=0.0)
+
+
+@pytest.mark.parametrize(
+    "mean, expected",
+    [
+        # SNR = 9, 0.45/0.55, 0.18/0.82; gamma = 2 (Hang et al. 2023, Sec. 3.4)
+        (ModelMeanType.EPSILON, [2 / 9, 1.0, 1.0]),
+        (ModelMeanType.START_X, [2.0, 0.45 / 0.55, 0.18 / 0.82]),
+        (ModelMeanType.VELOCITY, [2 / 10, (0.45 / 0.55) / (0.45 / 0.55 + 1), (0.18 / 0.82) / (0.18 / 0.82 + 1)]),
+    ],
+)
+def test_min_snr_weights_per_parametrisation_by_hand(mean, expected):
+    d = SimpleNamespace(alphas_cumprod=schedule().alphas_cumprod, model_mean_type=mean)
+    w = min_snr_weights(d, torch.tensor([0, 1, 2]), gamma=2.0)
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w, torch.tensor(expected, dtype=torch.float32))
+
+
+def test_min_snr_weights_on_the_linear_schedule_and_errors():
+    from improved_diffusion.script_util import create_gaussian_diffusion
+
+    d = create_gaussian_diffusion(steps=1000)  # linear: beta_0 = 1e-4, so SNR(0) = (1 - 1e-4) / 1e-4
+    w = min_snr_weights(d, torch.tensor([0, 999]), gamma=5.0)
+    snr0 = (1 - 1e-4) / 1e-4
+    assert w[0].item() == pytest.approx(5.0 / snr0, rel=1e-6) and w[1].item() == 1.0
+    v = create_gaussian_diffusion(steps=1000, predict_v=True, zero_terminal_snr=True)
+    wv = min_snr_weights(v, torch.tensor([0, 999]), gamma=5.0)
+    assert wv[0].item() == pytest.approx(5.0 / (snr0 + 1), rel=1e-6) and wv[1].item() == 0.0  # SNR_T = 0
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        min_snr_weights(d, torch.tensor([0]), gamma=0.0)
+    prev = SimpleNamespace(alphas_cumprod=schedule().alphas_cumprod, model_mean_type=ModelMeanType.PREVIOUS_X)
+    with pytest.raises(ValueError, match="min_snr_weights: no weighting for"):
+        min_snr_weights(prev, torch.tensor([0]))
+
+
+@pytest.mark.parametrize(
+    "mean, expected",
+    [
+        # x0 weight SNR + 1 (Salimans & Ho 2022, Sec. 4); SNR = 9, 9/11, 9/41
+        (ModelMeanType.EPSILON, [10 / 9, (9 / 11 + 1) / (9 / 11), (9 / 41 + 1) / (9 / 41)]),
+        (ModelMeanType.START_X, [10.0, 9 / 11 + 1, 9 / 41 + 1]),
+        (ModelMeanType.VELOCITY, [1.0, 1.0, 1.0]),
+    ],
+)
+def test_snr_plus_one_weights_by_hand(mean, expected):
+    d = SimpleNamespace(alphas_cumprod=schedule().alphas_cumprod, model_mean_type=mean)
+    w = snr_plus_one_weights(d, torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(w, torch.tensor(expected, dtype=torch.float32))
