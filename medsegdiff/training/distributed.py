@@ -66,10 +66,24 @@ def init_distributed(device: str = "auto") -> DistContext:
         return DistContext(0, 1, 0, dev, False)
     owns = False
     if not dist.is_initialized():
+        _import_dynamo_before_group()
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, init_method="env://")
         owns = True
     return DistContext(dist.get_rank(), dist.get_world_size(), local, dev, owns)
+
+
+def _import_dynamo_before_group() -> None:
+    """Import ``torch._dynamo`` now, before the process group exists (see the module docstring).
+
+    ``DistributedDataParallel.__init__`` imports it on first use. When that first import happens
+    while a group exists, the group is never freed (torch 2.13, measured): after
+    ``destroy_process_group()`` gloo's worker threads (``pt_gloo_runloop`` x 2, ``gloo_tcp_loop``)
+    are still running at interpreter exit, and a rank that finishes first is sometimes killed by
+    ``terminate called without an active exception`` (exit -6). Imported first, the group dies
+    in ``destroy_process_group()`` and its threads are joined.
+    """
+    import torch._dynamo  # noqa: F401 - delayed: a heavy import needed only by multi-process runs
 
 
 def cleanup(ctx: DistContext) -> None:
