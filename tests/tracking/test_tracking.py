@@ -158,6 +158,34 @@ def test_nonzero_rank_logs_nothing(tmp_path, monkeypatch, fake_wandb):
     assert not (tmp_path / "metrics.jsonl").exists() and not fake_wandb.inits
 
 
+def test_wandb_environment_is_honoured_and_said(tmp_path, monkeypatch, fake_wandb, caplog):
+    """WANDB_MODE wins over tracking.mode and WANDB_DIR moves the files, each with a console warning."""
+    from medsegdiff.tracking.wandb_tracker import environment_notes
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    assert environment_notes("offline", tmp_path) == []
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert resolve_mode("offline") == "online"
+    elsewhere = tmp_path / "scratch"
+    monkeypatch.setenv("WANDB_DIR", str(elsewhere))
+    with caplog.at_level("WARNING", logger="medsegdiff.tracking"):
+        t = make_tracker(cfg_with("tracking.mode=offline"), tmp_path / "run", wandb_module=fake_wandb)
+        t.finish()
+    init = fake_wandb.inits[0]
+    assert init["mode"] == "online" and init["dir"] == str(elsewhere)
+    text = caplog.text
+    assert "WANDB_MODE=online in the environment overrides tracking.mode=offline" in text
+    assert f"WANDB_DIR={elsewhere}" in text and str(tmp_path / "run" / "wandb") in text
+    # the same mode as the config: nothing to say; an unknown mode is ignored, and said
+    monkeypatch.delenv("WANDB_DIR")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert environment_notes("offline", tmp_path) == []
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    assert resolve_mode("offline") == "offline"
+    assert "is not a W&B mode" in environment_notes("offline", tmp_path)[0]
+
+
 def test_importing_tracking_does_not_import_wandb():
     import subprocess
 
@@ -170,6 +198,7 @@ def test_real_wandb_offline_run_lives_in_run_dir(tmp_path, monkeypatch):
     """The real wandb package, offline: the run folder is under run_dir/wandb and holds the metrics."""
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     t = make_tracker(cfg_with("tracking.mode=offline"), tmp_path)
     t.log({"quickstart_metric_xyz": 0.125}, step=2)
