@@ -132,14 +132,20 @@ def _first_line(err: BaseException) -> str:
     return text[:200]
 
 
-def read_mask(path: str | Path, what: str = "mask") -> tuple[np.ndarray, Any]:
-    """Read a binary mask with SimpleITK (scale slope applied), binarised ``> 0``.
+def read_mask(path: str | Path, what: str = "mask", threshold: float | None = None) -> tuple[np.ndarray, Any]:
+    """Read a mask with SimpleITK (scale slope applied) as a bool array.
+
+    A binary file (0 and at most one other value: 0/1, 0/255, ...) is read as ``!= 0``. Anything
+    else (a probability map, a label map) is refused unless ``threshold`` is given, which reads
+    the file as ``value > threshold``: binarising it at ``> 0`` without a word would score a
+    probability map as a huge lesion.
 
     Returns:
         ``(mask, image)``: bool array ``(Z, Y, X)`` (or ``(Y, X)``) and the ``sitk.Image``.
 
     Raises:
-        DataError: the file is missing, truncated, unreadable or not a scalar 2-D/3-D image.
+        DataError: the file is missing, truncated, unreadable, not a scalar 2-D/3-D image, or
+            not binary while ``threshold`` is None.
     """
     import SimpleITK as sitk
 
@@ -155,7 +161,19 @@ def read_mask(path: str | Path, what: str = "mask") -> tuple[np.ndarray, Any]:
             f"{what} {path}: expected a scalar 2-D/3-D mask, got {image.GetDimension()}-D with "
             f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel"
         )
-    return sitk.GetArrayViewFromImage(image) > 0, image
+    values = sitk.GetArrayViewFromImage(image)
+    if threshold is not None:
+        return np.nan_to_num(values, nan=0.0) > threshold, image
+    nonzero = values[values != 0]
+    if nonzero.size and (nonzero != nonzero.flat[0]).any():
+        lo, hi = float(np.nanmin(nonzero)), float(np.nanmax(nonzero))
+        hint = ("pass --threshold T (e.g. 0.5) to score it as value > T" if what == "prediction"
+                else "give a binary reference mask")
+        raise DataError(
+            f"{what} {path}: not a binary mask (non-zero values from {lo:.4g} to {hi:.4g}, e.g. a probability "
+            f"or label map); {hint}"
+        )
+    return values != 0, image
 
 
 def grid_mismatch(pred: Any, ref: Any, tol: float = GRID_TOLERANCE) -> str | None:
@@ -189,6 +207,7 @@ def evaluate(
     connectivity: int | None = None,
     cases: Sequence[str] | None = None,
     progress: bool = True,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
     """Score every reference case and write ``metrics.csv``, ``summary.json`` and a volume plot.
 
@@ -202,13 +221,16 @@ def evaluate(
         connectivity: component connectivity; ``None``/0 = official (26 in 3-D, 4 in 2-D).
         cases: score only these case ids (default: every reference case).
         progress: show a progress bar.
+        threshold: binarise predictions as ``value > threshold`` (probability maps); None =
+            predictions must be binary masks (see :func:`read_mask`).
 
     Returns:
         The summary (as in ``summary.json``) plus ``"cases"``: the per-case metric rows.
 
     Raises:
         DataError: missing folders, no predictions, a case id asked for without reference, an
-            unreadable file, or prediction grids that differ from their reference.
+            unreadable file, a non-binary prediction without ``threshold``, or prediction grids
+            that differ from their reference.
     """
     from tqdm import tqdm
 
@@ -253,7 +275,7 @@ def evaluate(
     for case_id in tqdm(case_ids, desc="evaluate", unit="case", disable=not progress):
         gt_mask, gt_image = read_mask(refs[case_id], "reference mask")
         if case_id in preds:
-            pred_mask, _ = read_mask(preds[case_id], "prediction")
+            pred_mask, _ = read_mask(preds[case_id], "prediction", threshold)
         else:
             pred_mask = np.zeros_like(gt_mask)
         spacing = tuple(gt_image.GetSpacing())
@@ -274,6 +296,7 @@ def evaluate(
         "iou_threshold": iou_threshold,
         "connectivity": connectivity or "official (26 in 3-D, 4 in 2-D)",
         "hd95": hd95,
+        "prediction_threshold": threshold,
         "missing_predictions": missing,
         "extra_predictions": extra,
         "pred_dir": str(pred_dir),
