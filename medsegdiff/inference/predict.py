@@ -388,7 +388,7 @@ def predict(
         if inf.overlays:
             export.write_overlay(export.output_paths(out, case_id)["overlay"],
                                  np.asarray(case.image[chan], dtype=np.float32), res["mask_cache"],
-                                 _reference_mask(case))
+                                 _reference_mask(case), case_id=case_id)
         rows.append(export.case_row(case_id, res["mask_native"], res["unc_native"], native_geo.voxel_volume_ml,
                                     pred.threshold, combine=inf.combine, members=pred.members_per_case,
                                     respacing=pred.respacing))

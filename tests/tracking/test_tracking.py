@@ -236,3 +236,27 @@ def test_progress_tracker_advances_to_the_logged_step_and_forwards(tmp_path):
     inner.log({"after": 1}, step=41)  # closing the bar leaves the tracker open
     inner.finish()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [20, 20, 40, 41]
+
+
+def test_learning_curves_written_at_finish_with_labelled_axes(tmp_path):
+    from medsegdiff.tracking.curves import CURVES_FILE, learning_curves_figure
+    from medsegdiff.tracking.jsonl import read_metrics
+
+    t = make_tracker(cfg_with("tracking.backend=none"), tmp_path)
+    for step in (1, 2, 3):
+        t.log({"train/loss": 1.0 / step, "train/dice": 0.5, "train/lr": 0.1}, step=step)
+    t.log({"val/dice": 0.4}, step=3)
+    t.finish()
+    assert (tmp_path / CURVES_FILE).is_file()
+    fig = learning_curves_figure(read_metrics(tmp_path / "metrics.jsonl"))
+    train_ax, val_ax = fig.axes
+    assert train_ax.get_xlabel() == val_ax.get_xlabel() == "optimisation step"
+    assert train_ax.get_ylabel() == "loss (per term)" and val_ax.get_ylabel() == "metric"
+    assert sorted(t.get_text() for t in train_ax.get_legend().get_texts()) == ["train/dice", "train/loss"]  # no lr
+    line = next(ln for ln in train_ax.get_lines() if ln.get_label() == "train/loss")
+    assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == [1.0, 0.5, 1.0 / 3]
+    # nothing to draw: no file
+    other = tmp_path / "empty"
+    t2 = make_tracker(cfg_with("tracking.backend=none"), other)
+    t2.finish()
+    assert not (other / CURVES_FILE).exists()
