@@ -136,6 +136,7 @@ BASE_OVERRIDES = [
 def main(argv: list[str]) -> int:
     """``RUN_DIR [--resume] [--noise X] [--dropout X] [--stop-at N] [--sleep S] key=value ...``"""
     import argparse
+    import os
     import time
 
     from medsegdiff.config import load_config
@@ -153,6 +154,11 @@ def main(argv: list[str]) -> int:
                    help="after training write RUN_DIR/threads_rank<R>.json: the threads still alive")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)
+    hang_dump = os.environ.get("MEDSEGDIFF_HANG_DUMP_S")
+    if hang_dump:  # a rank still running after this many seconds prints every thread's stack
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(hang_dump), exit=False)
     torch.set_num_threads(1)
     cfg = load_config(None, [*BASE_OVERRIDES, *args.overrides])
     factory = make_components(noise=args.noise, dropout=args.dropout, nan_steps=tuple(args.nan_step),

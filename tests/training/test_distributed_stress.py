@@ -28,6 +28,7 @@ def test_torchrun_two_ranks_exit_cleanly_many_times(stubs, tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
+    env["MEDSEGDIFF_HANG_DUMP_S"] = "120"  # a hung rank shows where it hangs (stderr in the failure)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     common = ["train.steps=3", "train.batch_size=4", "train.checkpoint_every=3", "optim.warmup_steps=0",
