@@ -217,3 +217,46 @@ def test_predict_3d_patch_model_uses_sliding_windows(raw_root, tmp_path):
         assert sitk.ReadImage(str(p)).GetSize() == _ncct(raw_root, cid).GetSize()
         unc = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / f"{cid}_uncertainty.nii.gz")))
         assert unc.max() > 0  # two members really differ
+
+
+def test_predict_arguments_as_documented(raw_root, tmp_path, capsys):
+    """A zenodo-trained checkpoint predicts a single case folder, data.layout=auto is accepted, the
+    default is the run's test split (else every case, said), and --cases takes spaces and commas."""
+    import torch
+
+    from medsegdiff.cli import main
+    from medsegdiff.config.base import to_dict
+    from medsegdiff.config.loader import config_from_dict
+    from medsegdiff.inference.predict import predict
+    from medsegdiff.nets.registry import build_model
+    from medsegdiff.training.checkpoint import save_checkpoint
+
+    cfg = config_from_dict({
+        "model": {"base_channels": 8, "channel_mult": [1, 2], "norm_groups": 4, "attention_resolutions": []},
+        "data": {"image_size": 16, "modalities": MODALITIES, "prepare_workers": 1, "layout": "zenodo"},
+        "diffusion": {"respacing": "ddim2"}, "inference": {"ensemble": 1, "overlays": False},
+    })
+    torch.manual_seed(0)
+    state = build_model(cfg).state_dict()
+    run = tmp_path / "run"
+    ckpt = save_checkpoint(run / "checkpoints" / "best.pt", {"model": state, "ema": state, "step": 0,
+                                                             "config": to_dict(cfg)})
+    ids = sorted(p.name for p in (raw_root / "derivatives").glob("sub-stroke*"))
+    folder = raw_root / "derivatives" / ids[1]
+    assert [p.name for p in predict(ckpt, folder, tmp_path / "one", progress=False)] == [f"{ids[1]}.nii.gz"]
+    got = predict(ckpt, folder, tmp_path / "auto", overrides=["data.layout=auto"], progress=False)
+    assert [p.name for p in got] == [f"{ids[1]}.nii.gz"]
+    capsys.readouterr()
+    # no splits.json: every case, with a warning that training cases may be among them
+    assert len(predict(ckpt, raw_root, tmp_path / "all", progress=False)) == 2
+    assert "predicting all 2 cases" in capsys.readouterr().err
+    (run / "splits.json").write_text(json.dumps({"train": [ids[1]], "val": [], "test": [ids[0]]}))
+    got = predict(ckpt, raw_root, tmp_path / "test", progress=False)
+    assert [p.name for p in got] == [f"{ids[0]}.nii.gz"]
+    assert "predicting the 1 test case(s) of the checkpoint's split (of 2 in the data)" in capsys.readouterr().err
+    assert len(predict(ckpt, raw_root, tmp_path / "every", cases=["all"], progress=False)) == 2
+    # --cases with spaces, commas and an override after them
+    out = tmp_path / "cli"
+    assert main(["predict", "--checkpoint", str(ckpt), "--data", str(raw_root), "--out", str(out),
+                 "--no-progress", "--cases", f"{ids[0]},", ids[1], "inference.overlays=true"]) == 0
+    assert sorted(p.name for p in out.glob("*_overlay.png")) == [f"{i}_overlay.png" for i in ids]
