@@ -106,24 +106,9 @@ def data_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    import torch
-
-    from medsegdiff.config.base import to_dict
-    from medsegdiff.config.loader import config_from_dict
-    from medsegdiff.nets.registry import build_model
-    from medsegdiff.training.checkpoint import save_checkpoint
-
-    cfg = config_from_dict({
-        "model": {"base_channels": 8, "channel_mult": [1, 2], "norm_groups": 4, "attention_resolutions": []},
-        "data": {"image_size": 16, "modalities": ["cbf", "tmax"], "prepare_workers": 1, "layout": "zenodo"},
-        "diffusion": {"respacing": "ddim2"}, "inference": {"ensemble": 1, "batch_size": 16},
-    })
-    torch.manual_seed(0)
-    state = build_model(cfg).state_dict()
-    run = tmp_path_factory.mktemp("ckpt_run")
-    return save_checkpoint(run / "checkpoints" / "best.pt", {"model": state, "ema": state, "step": 0,
-                                                             "config": to_dict(cfg)})
+def checkpoint(tmp_path_factory, tiny_checkpoint_factory) -> Path:
+    return tiny_checkpoint_factory(tmp_path_factory.mktemp("ckpt_run"), ["cbf", "tmax"], data={"layout": "zenodo"},
+                                   inference={"ensemble": 1})
 
 
 # ------------------------------------------------------------------------ read-only outputs

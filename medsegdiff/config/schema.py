@@ -36,7 +36,7 @@ class ExperimentConfig:
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise bad_value(f"{prefix}.device" if prefix else "device", self.device, "allowed: auto, cpu, cuda, cuda:N")
         if self.train.precision == "fp16" and self.device == "cpu":
-            raise bad_value("train.precision", "fp16", "allowed on device=cpu: fp32, bf16 (fp16 needs CUDA)")
+            raise bad_value("train.precision", "fp16", "fp16 needs a CUDA device, use bf16 or fp32 on device=cpu")
 
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")

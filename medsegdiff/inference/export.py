@@ -231,17 +231,6 @@ def _halo(color: str) -> list[Any]:
     return [patheffects.Stroke(linewidth=4.0, foreground=color), patheffects.Normal()]
 
 
-def overlay_rgb(
-    image: np.ndarray, pred: np.ndarray, reference: np.ndarray | None = None, *, case_id: str = "",
-    n_slices: int = 3, min_tile: int = 256,
-) -> np.ndarray:
-    """:func:`overlay_figure` rendered to an ``(H, W, 3)`` uint8 array."""
-    from medsegdiff.utils.plotting import figure_rgb
-
-    return figure_rgb(overlay_figure(image, pred, reference, case_id=case_id, n_slices=n_slices,
-                                     min_tile=min_tile))
-
-
 def write_overlay(
     path: str | os.PathLike[str],
     image: np.ndarray,
@@ -331,7 +320,6 @@ __all__ = [
     "geometry_image",
     "output_paths",
     "overlay_figure",
-    "overlay_rgb",
     "overlay_slices",
     "to_native",
     "write_case",

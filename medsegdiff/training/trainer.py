@@ -336,6 +336,7 @@ class Trainer:
             if self._det_prev is not None:
                 torch.use_deterministic_algorithms(self._det_prev[0], warn_only=self._det_prev[1])
             if getattr(self, "dist", None) is not None:
+                self.ddp = self.step_module = self.batches = None  # before the group goes: see cleanup()
                 cleanup(self.dist)
 
     def _loop(self) -> TrainResult:

@@ -12,7 +12,6 @@ from medsegdiff.inference.export import (
     case_row,
     count_components,
     geometry_image,
-    overlay_rgb,
     to_native,
     write_case,
     write_overlay,
@@ -108,7 +107,7 @@ def _near(rgb: np.ndarray, hex_color: str, tol: int = 40) -> np.ndarray:
 
 def test_overlay_outlines_visible_on_dark_and_bright_with_legend_and_titles(tmp_path):
     from medsegdiff.inference.export import dice, overlay_figure
-    from medsegdiff.utils.plotting import PREDICTION_COLOR, REFERENCE_COLOR
+    from medsegdiff.utils.plotting import PREDICTION_COLOR, REFERENCE_COLOR, figure_rgb
 
     image = np.zeros((4, 32, 32), np.float32)
     image[:, :, 16:] = 1000.0  # right half saturated white (a bright Tmax), left half black
@@ -116,7 +115,7 @@ def test_overlay_outlines_visible_on_dark_and_bright_with_legend_and_titles(tmp_
     ref = np.zeros((4, 32, 32), np.uint8)
     pred[2, 8:20, 2:12] = 1  # on black
     ref[2, 8:20, 20:30] = 1  # on white: a blended green fill was invisible here
-    rgb = overlay_rgb(image, pred, ref, case_id="sub-stroke0007", n_slices=2, min_tile=256)
+    rgb = figure_rgb(overlay_figure(image, pred, ref, case_id="sub-stroke0007", n_slices=2, min_tile=256))
     assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
     magenta, cyan = _near(rgb, PREDICTION_COLOR), _near(rgb, REFERENCE_COLOR)
     assert magenta.sum() > 100 and cyan.sum() > 100
