@@ -110,14 +110,18 @@ def _check_cache_fits(manifest: Any, cfg: Any, path: Path) -> None:
         )
 
 
-def _prepare_raw(path: Path, out_dir: Path, cfg: Any, progress: bool) -> Any:
+def _prepare_raw(path: Path, out_dir: Path, cfg: Any, progress: bool) -> tuple[Any, bool]:
     """Prepare a raw root or case folder with the checkpoint's data settings into ``out_dir/_cache``.
 
     ``cfg.data.layout`` is the layout of the data to predict (``auto`` unless overridden with
     ``data.layout=...``), not the training data's: a single case folder works with any checkpoint.
+
+    Returns:
+        ``(manifest, built)``: ``built`` is True when the cache was (re)built by this call.
     """
     import inspect
 
+    from medsegdiff.data.cache import MANIFEST
     from medsegdiff.data.preprocess import prepare_dataset
 
     tag = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
@@ -126,8 +130,13 @@ def _prepare_raw(path: Path, out_dir: Path, cfg: Any, progress: bool) -> Any:
     kwargs: dict[str, Any] = {"progress": progress}
     if "require_mask" in inspect.signature(prepare_dataset).parameters:
         kwargs["require_mask"] = False  # prediction needs no reference mask
+    def stamp() -> float | None:
+        return (cache_dir / MANIFEST).stat().st_mtime_ns if (cache_dir / MANIFEST).is_file() else None
+
+    before = stamp()
     try:
-        return prepare_dataset(path, cache_dir, cfg.data, **kwargs)
+        manifest = prepare_dataset(path, cache_dir, cfg.data, **kwargs)
+        return manifest, stamp() != before
     except DataError as err:
         if "no usable case" not in str(err):
             raise
@@ -146,8 +155,9 @@ def resolve_sources(
 
     ``data`` is a prepared cache folder, a raw dataset root, one case folder, or a list of those;
     raw inputs are prepared with the checkpoint's data settings into ``out_dir/_cache/``. Cases
-    the preparation skipped (a missing modality, ...) are reported once: by the preparation
-    itself when it runs now, or in one line naming ``stage`` for a prepared cache given as data.
+    the preparation skipped (a missing modality, ...) are reported once, in one line naming
+    ``stage``: when raw data is prepared now (not again when its cache is reused), or for a
+    prepared cache given as data; not when ``cases`` are requested (they are all usable).
 
     Raises:
         DataError: a path that does not exist, no cases found, modalities that do not match the
@@ -163,12 +173,12 @@ def resolve_sources(
     for path in paths:
         if not path.exists():
             raise DataError(f"{path}: data path not found; pass a dataset root, a case folder or a prepared cache")
-        given_cache = _is_cache(path)
+        given_cache, built = _is_cache(path), False
         if given_cache:
             manifest = Manifest.open(path)
             _check_cache_fits(manifest, cfg, path)
         else:
-            manifest = _prepare_raw(path, out_dir, cfg, progress)
+            manifest, built = _prepare_raw(path, out_dir, cfg, progress)
             _check_cache_fits(manifest, cfg, path)
         ids = [c for c in manifest.case_ids if c not in seen]
         if not manifest.case_ids:
@@ -180,7 +190,9 @@ def resolve_sources(
                     f"{first.get('case_id')}: {first.get('reason')}); the checkpoint needs {list(cfg.data.modalities)}"
                 )
             raise DataError(f"{path}: no cases found; pass an ISLES'24 dataset root, a case folder or a prepared cache")
-        if given_cache and manifest.skipped:  # raw data: preparing it has already said which and why
+        # once: for a cache given as data, or raw data prepared now (not when reusing that cache);
+        # requested case ids never include skipped ones, so there is nothing to say then
+        if manifest.skipped and not cases and (given_cache or built):
             listed = ", ".join(f"{skip.get('case_id')} ({skip.get('reason')})" for skip in manifest.skipped)
             print(f"medsegdiff {stage}: {len(manifest.skipped)} case(s) of {path} were skipped when it was "
                   f"prepared: {listed}", file=sys.stderr)

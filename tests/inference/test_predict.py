@@ -227,3 +227,28 @@ def test_predict_arguments_as_documented(raw_root, tmp_path, capsys, tiny_checkp
     assert main(["predict", "--checkpoint", str(ckpt), "--data", str(raw_root), "--out", str(out),
                  "--no-progress", "--cases", f"{ids[0]},", ids[1], "inference.overlays=true"]) == 0
     assert sorted(p.name for p in out.glob("*_overlay.png")) == [f"{i}_overlay.png" for i in ids]
+
+
+def test_a_skipped_case_is_reported_once_with_the_stage_name(raw_root, checkpoint, tmp_path, capsys):
+    import shutil
+
+    from medsegdiff.inference.predict import Predictor, resolve_sources
+
+    root = tmp_path / "data"
+    shutil.copytree(raw_root, root)
+    ids = sorted(p.name for p in (root / "derivatives").glob("sub-stroke*"))
+    for f in (root / "derivatives" / ids[0]).rglob("*cbf*"):
+        f.unlink()  # this case misses a modality the checkpoint needs
+    cfg = Predictor.load(checkpoint).cfg
+    sources = resolve_sources(root, tmp_path / "out", cfg, progress=False)
+    assert [c for s in sources for c in s.case_ids] == [ids[1]]
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"medsegdiff predict: 1 case(s) of {root} were skipped")
+    assert ids[0] in err and "cbf" in err
+    resolve_sources(root, tmp_path / "out", cfg, progress=False)  # the same cache reused: said already
+    resolve_sources(root, tmp_path / "out", cfg, [ids[1]], progress=False)  # cases asked for: all usable
+    assert capsys.readouterr().err == ""
+    cache = next((tmp_path / "out" / "_cache").iterdir())
+    resolve_sources(cache, tmp_path / "out2", cfg, progress=False, stage="calibrate")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"medsegdiff calibrate: 1 case(s) of {cache} were skipped")
