@@ -3,8 +3,11 @@
 Each sub-command lives in ``medsegdiff/commands/<name>.py`` and provides ``add_arguments(parser)``
 and ``run(args) -> int``; its one-line help is :data:`medsegdiff.commands.COMMANDS`. Only the
 chosen command's module is imported (see :func:`build_parser`), so ``medsegdiff --help`` stays fast.
-Expected mistakes (:class:`MedSegDiffError`) are printed as one line on stderr with exit status 2,
-without a traceback.
+Expected mistakes (:class:`MedSegDiffError`) and file-system faults of the environment (read-only
+folder, full disk, no permission; see :func:`~medsegdiff.errors.describe_os_error`) are printed as
+one line on stderr with exit status 2, without a traceback. A closed output pipe
+(``medsegdiff config --keys | head``) ends the command quietly with status 141 (128 + SIGPIPE), as
+Unix tools do.
 """
 
 from __future__ import annotations
@@ -12,12 +15,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 
 from medsegdiff import __version__
 from medsegdiff.commands import COMMANDS
-from medsegdiff.errors import MedSegDiffError
+from medsegdiff.errors import MedSegDiffError, describe_os_error
+
+EXIT_USER_ERROR = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what the shell reports for `yes | head`
 
 
 def available_commands() -> list[str]:
@@ -61,13 +68,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here rather than at interpreter exit
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except MedSegDiffError as err:
-        print(f"medsegdiff {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(args.command, str(err))
+    except OSError as err:
+        message = describe_os_error(err)
+        if message is None:
+            raise
+        return _fail(args.command, message)
     except KeyboardInterrupt:
         print(f"medsegdiff {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(command: str, message: str) -> int:
+    """Print ``message`` as the one error line of ``command`` and return the exit status 2."""
+    print(f"medsegdiff {command}: error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in tests)
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

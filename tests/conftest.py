@@ -33,3 +33,31 @@ def tiny_data(tmp_path_factory):
     cfg = load_config(None, ["data.image_size=16"])
     prepare_dataset(root, cache, cfg.data, workers=1, progress=False)
     return root, cache
+
+
+def save_tiny_checkpoint(run_dir, modalities, *, data=None, inference=None):
+    """A tiny real checkpoint ``<run_dir>/checkpoints/best.pt`` (MedSegDiff-V1, 16 px, DDIM 2).
+
+    ``data`` / ``inference`` are merged into those config sections (e.g. ``{"layout": "zenodo"}``).
+    """
+    from medsegdiff.config.base import to_dict
+    from medsegdiff.config.loader import config_from_dict
+    from medsegdiff.nets.registry import build_model
+    from medsegdiff.training.checkpoint import save_checkpoint
+
+    cfg = config_from_dict({
+        "model": {"base_channels": 8, "channel_mult": [1, 2], "norm_groups": 4, "attention_resolutions": []},
+        "data": {"image_size": 16, "modalities": list(modalities), "prepare_workers": 1, **(data or {})},
+        "diffusion": {"respacing": "ddim2"},
+        "inference": {"ensemble": 2, "batch_size": 16, **(inference or {})},
+    })
+    torch.manual_seed(0)
+    state = build_model(cfg).state_dict()
+    return save_checkpoint(run_dir / "checkpoints" / "best.pt",
+                           {"model": state, "ema": state, "step": 0, "config": to_dict(cfg)})
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_factory():
+    """:func:`save_tiny_checkpoint`, for tests in any folder."""
+    return save_tiny_checkpoint

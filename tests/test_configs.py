@@ -11,7 +11,7 @@ from medsegdiff.config.loader import read_yaml
 from medsegdiff.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCKS = sorted((ROOT / "configs").rglob("*.yaml"))
+BLOCKS = sorted((ROOT / "medsegdiff" / "configs").rglob("*.yaml"))
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
 
 

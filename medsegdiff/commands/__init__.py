@@ -7,6 +7,8 @@ without importing any (the command modules import torch and the rest of the libr
 
 from __future__ import annotations
 
+import re
+
 # name -> one-line help, in the order shown by ``medsegdiff --help``
 COMMANDS: dict[str, str] = {
     "run": "run an experiment end to end: prepare data, train, predict held-out cases, evaluate vs Tmax baseline",
@@ -24,9 +26,9 @@ COMMANDS: dict[str, str] = {
 
 
 def split_case_ids(values: list[str] | str | None) -> list[str] | None:
-    """Case ids given as ``a b``, ``a,b`` or a mix (None or nothing -> None = all cases)."""
+    """Case ids given as ``a b``, ``a,b``, ``"a b"`` or a mix (None or nothing -> None = all cases)."""
     if values is None:
         return None
     items = [values] if isinstance(values, str) else values
-    ids = [c.strip() for item in items for c in item.split(",") if c.strip()]
+    ids = [c for item in items for c in re.split(r"[\s,]+", item) if c]
     return ids or None

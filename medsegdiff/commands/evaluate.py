@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="lesion components: 0 = official (26 in 3-D, 4 in 2-D)",
     )
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
+    p.add_argument("--threshold", type=float, default=None, metavar="T",
+                   help="score predictions as value > T (probability maps); default: predictions must be binary masks")
     p.add_argument("--cases", nargs="*", default=None, metavar="ID", help="score only these case ids (space- or comma-separated)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -37,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         connectivity=args.connectivity,
         cases=split_case_ids(args.cases),
         progress=not args.no_progress,
+        threshold=args.threshold,
     )
     print(format_table(summary))
     if summary["missing_predictions"]:

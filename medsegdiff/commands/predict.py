@@ -17,7 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, action="append", metavar="PATH",
                    help="raw dataset root, a case folder, or a prepared cache; repeat for more case folders")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--cases", default="", help="comma-separated case ids (default: all)")
+    p.add_argument("--cases", nargs="*", default=None, metavar="ID",
+                   help="case ids, space- or comma-separated; 'all' = every case (default: the checkpoint's "
+                        "test split when the data holds it, else every case)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="inference.* / diffusion.respacing|sampler|eta / device overrides, "
@@ -25,9 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cases = split_case_ids(args.cases)
+    # `--cases a b key=value`: argparse gives the trailing overrides to --cases; hand them back
+    given = args.cases or []
+    overrides = [*args.overrides, *(c for c in given if "=" in c)]
+    cases = split_case_ids([c for c in given if "=" not in c]) if args.cases is not None else None
     data = args.data[0] if len(args.data) == 1 else args.data
-    written = predict(args.checkpoint, data, args.out, overrides=args.overrides, cases=cases,
+    written = predict(args.checkpoint, data, args.out, overrides=overrides, cases=cases,
                       progress=not args.no_progress)
     print(f"wrote {len(written)} case(s) to {args.out} (predictions.csv, predict.json)")
     return 0

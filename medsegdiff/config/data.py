@@ -50,6 +50,12 @@ class SplitConfig:
     def validate(self, prefix: str) -> None:
         if self.fold >= self.folds:
             raise bad_value(f"{prefix}.fold", self.fold, f"allowed: 0 .. folds-1 = {self.folds - 1}")
+        if self.folds == 1 and not self.file and self.test_fraction + self.val_fraction >= 1.0:
+            # both are fractions of ALL cases (data.splits.make_splits): nothing would be left to train on
+            raise bad_value(
+                f"{prefix}.val_fraction", self.val_fraction,
+                f"allowed: test_fraction + val_fraction < 1 (test_fraction is {self.test_fraction}); lower one of them",
+            )
 
 
 @dataclass

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from medsegdiff.config.base import option
+from medsegdiff.config.base import bad_value, option
 from medsegdiff.config.data import AugmentConfig, DataConfig, SplitConfig
 from medsegdiff.config.diffusion import DiffusionConfig
 from medsegdiff.config.inference import EvaluationConfig, InferenceConfig
@@ -29,6 +30,16 @@ class ExperimentConfig:
     inference: InferenceConfig = option(default_factory=InferenceConfig)
     evaluation: EvaluationConfig = option(default_factory=EvaluationConfig)
     tracking: TrackingConfig = option(default_factory=TrackingConfig)
+
+    def validate(self, prefix: str) -> None:
+        # Static check only: whether a CUDA device is present is decided when training starts.
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise bad_value(f"{prefix}.device" if prefix else "device", self.device, "allowed: auto, cpu, cuda, cuda:N")
+        if self.train.precision == "fp16" and self.device == "cpu":
+            raise bad_value("train.precision", "fp16", "fp16 needs a CUDA device, use bf16 or fp32 on device=cpu")
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 __all__ = [

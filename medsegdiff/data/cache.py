@@ -88,6 +88,17 @@ def cache_key(data_cfg: DataConfig) -> str:
     return settings_hash(cache_settings(data_cfg))
 
 
+def fitting_cache_keys(data_cfg: DataConfig) -> set[str]:
+    """Every manifest hash whose cache fits ``data_cfg``: the on-disk layout of the source data does not
+    change the cached arrays, so a cache prepared under any ``data.layout`` fits.
+
+    Raises:
+        ConfigError: a modality has no window.
+    """
+    settings = cache_settings(data_cfg)
+    return {settings_hash({**settings, "layout": layout}) for layout in ("auto", "zenodo", "challenge2024")}
+
+
 def cache_dir_name(data_cfg: DataConfig, data_root: str | os.PathLike[str]) -> str:
     """Folder name of the cache of ``data_root`` under ``data_cfg`` (the pipeline's ``<run_root>/cache/<name>``).
 

@@ -12,7 +12,9 @@ case, the file and the problem. :func:`load_cases` applies ``data.on_error`` (sk
 ``data.missing_modality`` (skip_case or fail) and returns every skipped case with its reason, so
 nothing is dropped silently.
 
-Non-finite voxels (NaN/inf) are replaced by 0 and counted per modality. ITK's NIfTI reader
+Non-finite voxels (NaN/inf) are replaced by 0, counted per modality and reported with a
+``logging.warning`` (the count and the share); a map that is NaN/inf everywhere is refused as
+such (not as "all voxels are 0"). ITK's NIfTI reader
 already turns NaN into 0 without telling, so for float NIfTI files the count comes from one
 streaming pass over the raw voxel data (:func:`count_nonfinite_nifti`; it also proves the gzip
 stream complete). Truncated ``.nii.gz`` files, which SimpleITK reads silently with zeros past
@@ -442,9 +444,15 @@ def load_case(case: CaseFiles, data_cfg: DataConfig) -> LoadedCase:
                 n_bad = count_nonfinite_nifti(path)
             except DataError as err:
                 raise _case_error(cid, path, err, "unreadable") from None
+        nonfinite[m] = n_bad
+        if n_bad >= arr.size:
+            raise CaseError(f"case {cid}: {m} file {path} holds no number: all {arr.size} voxels are NaN or inf; "
+                            "re-export the map (or drop this modality from data.modalities)",
+                            case_id=cid, path=path, kind="empty")
         if n_bad:
             notes.append(f"{m}: {n_bad} non-finite voxels replaced by 0")
-        nonfinite[m] = n_bad
+            log.warning("case %s: %s file %s: %d of %d voxels (%.1f%%) are NaN or inf; they are set to 0",
+                        cid, m, path, n_bad, arr.size, 100.0 * n_bad / arr.size)
         if not np.any(arr):
             raise CaseError(f"case {cid}: {m} file {path} is an empty image (all voxels are 0)",
                             case_id=cid, path=path, kind="empty")
@@ -458,6 +466,9 @@ def load_case(case: CaseFiles, data_cfg: DataConfig) -> LoadedCase:
                             path=case.mask, kind="unreadable")
         raw = raw.astype(np.float32, copy=False)
         nonfinite["mask"] = int((~np.isfinite(raw)).sum())
+        if nonfinite["mask"]:
+            log.warning("case %s: mask file %s: %d voxels are NaN or inf; they count as background",
+                        cid, case.mask, nonfinite["mask"])
         mask = (np.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0) > 0).astype(np.uint8)
         files["mask"] = case.mask
     return LoadedCase(case_id=cid, images=images, mask=mask, geometry=ref, nonfinite=nonfinite, files=files,

@@ -12,9 +12,9 @@ prediction is scored as an empty mask, listed in the summary and reported on std
 * ``metrics.csv``: one row per case (``case_id``, ``missing_prediction``, then every metric).
 * ``summary.json``: mean / std / median / n per metric, number of cases, missing and extra
   predictions, IoU threshold and connectivity.
-* ``volume_scatter.png``: predicted vs reference lesion volume (mL), both axes from 0 to the
-  ``volume_scatter_max_ml`` given in the summary; grey diagonal = perfect agreement; red = scored
-  cases, blue = missing predictions.
+* ``volume_scatter.png``: predicted vs reference lesion volume (mL) with labelled axes, both from
+  0 to the ``volume_scatter_max_ml`` given in the summary, the identity line, and a legend for
+  scored cases and missing predictions.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 from medsegdiff.data.discovery import discover_cases
 from medsegdiff.errors import DataError
 from medsegdiff.metrics.isles24 import METRIC_KEYS, OFFICIAL_METRICS, case_metrics, summarize
-from medsegdiff.utils.io import atomic_write_json, atomic_write_text, atomic_write_with
+from medsegdiff.utils.io import atomic_write_json, atomic_write_text
 from medsegdiff.utils.jsonable import json_safe
 
 logger = logging.getLogger(__name__)
@@ -128,14 +128,20 @@ def _first_line(err: BaseException) -> str:
     return text[:200]
 
 
-def read_mask(path: str | Path, what: str = "mask") -> tuple[np.ndarray, Any]:
-    """Read a binary mask with SimpleITK (scale slope applied), binarised ``> 0``.
+def read_mask(path: str | Path, what: str = "mask", threshold: float | None = None) -> tuple[np.ndarray, Any]:
+    """Read a mask with SimpleITK (scale slope applied) as a bool array.
+
+    A binary file (0 and at most one other value: 0/1, 0/255, ...) is read as ``!= 0``. Anything
+    else (a probability map, a label map) is refused unless ``threshold`` is given, which reads
+    the file as ``value > threshold``: binarising it at ``> 0`` without a word would score a
+    probability map as a huge lesion.
 
     Returns:
         ``(mask, image)``: bool array ``(Z, Y, X)`` (or ``(Y, X)``) and the ``sitk.Image``.
 
     Raises:
-        DataError: the file is missing, truncated, unreadable or not a scalar 2-D/3-D image.
+        DataError: the file is missing, truncated, unreadable, not a scalar 2-D/3-D image, or
+            not binary while ``threshold`` is None.
     """
     import SimpleITK as sitk
 
@@ -151,7 +157,19 @@ def read_mask(path: str | Path, what: str = "mask") -> tuple[np.ndarray, Any]:
             f"{what} {path}: expected a scalar 2-D/3-D mask, got {image.GetDimension()}-D with "
             f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel"
         )
-    return sitk.GetArrayViewFromImage(image) > 0, image
+    values = sitk.GetArrayViewFromImage(image)
+    if threshold is not None:
+        return np.nan_to_num(values, nan=0.0) > threshold, image
+    nonzero = values[values != 0]
+    if nonzero.size and (nonzero != nonzero.flat[0]).any():
+        lo, hi = float(np.nanmin(nonzero)), float(np.nanmax(nonzero))
+        hint = ("pass --threshold T (e.g. 0.5) to score it as value > T" if what == "prediction"
+                else "give a binary reference mask")
+        raise DataError(
+            f"{what} {path}: not a binary mask (non-zero values from {lo:.4g} to {hi:.4g}, e.g. a probability "
+            f"or label map); {hint}"
+        )
+    return values != 0, image
 
 
 def grid_mismatch(pred: Any, ref: Any, tol: float = GRID_TOLERANCE) -> str | None:
@@ -185,6 +203,7 @@ def evaluate(
     connectivity: int | None = None,
     cases: Sequence[str] | None = None,
     progress: bool = True,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
     """Score every reference case and write ``metrics.csv``, ``summary.json`` and a volume plot.
 
@@ -198,13 +217,16 @@ def evaluate(
         connectivity: component connectivity; ``None``/0 = official (26 in 3-D, 4 in 2-D).
         cases: score only these case ids (default: every reference case).
         progress: show a progress bar.
+        threshold: binarise predictions as ``value > threshold`` (probability maps); None =
+            predictions must be binary masks (see :func:`read_mask`).
 
     Returns:
         The summary (as in ``summary.json``) plus ``"cases"``: the per-case metric rows.
 
     Raises:
         DataError: missing folders, no predictions, a case id asked for without reference, an
-            unreadable file, or prediction grids that differ from their reference.
+            unreadable file, a non-binary prediction without ``threshold``, or prediction grids
+            that differ from their reference.
     """
     from tqdm import tqdm
 
@@ -249,7 +271,7 @@ def evaluate(
     for case_id in tqdm(case_ids, desc="evaluate", unit="case", disable=not progress):
         gt_mask, gt_image = read_mask(refs[case_id], "reference mask")
         if case_id in preds:
-            pred_mask, _ = read_mask(preds[case_id], "prediction")
+            pred_mask, _ = read_mask(preds[case_id], "prediction", threshold)
         else:
             pred_mask = np.zeros_like(gt_mask)
         spacing = tuple(gt_image.GetSpacing())
@@ -270,6 +292,7 @@ def evaluate(
         "iou_threshold": iou_threshold,
         "connectivity": connectivity or "official (26 in 3-D, 4 in 2-D)",
         "hd95": hd95,
+        "prediction_threshold": threshold,
         "missing_predictions": missing,
         "extra_predictions": extra,
         "pred_dir": str(pred_dir),
@@ -313,29 +336,48 @@ def _fmt(v: float | None) -> str:
 
 
 def write_volume_scatter(path: Path, rows: Sequence[dict[str, Any]], size: int = 256) -> float:
-    """Raster scatter of predicted (y) vs reference (x) volume in mL, written as PNG with SimpleITK.
+    """Write :func:`volume_scatter_figure` as a PNG (``size``: minimum side in pixels).
 
     Returns:
         The axis maximum in mL (both axes run from 0 to it).
     """
-    import SimpleITK as sitk
+    from medsegdiff.utils.plotting import save_png
+
+    fig, vmax = volume_scatter_figure(rows, size)
+    save_png(fig, path)
+    return vmax
+
+
+def volume_scatter_figure(rows: Sequence[dict[str, Any]], size: int = 256) -> tuple[Any, float]:
+    """Scatter of predicted (y) vs reference (x) lesion volume in mL.
+
+    Labelled axes from 0 to the same maximum, the identity line (perfect agreement), scored cases
+    and missing predictions (scored as empty) in a legend, the number of cases in the title.
+
+    Returns:
+        ``(figure, axis maximum in mL)``.
+    """
+    from medsegdiff.utils.plotting import PREDICTION_COLOR, REFERENCE_COLOR, new_figure
 
     gt_v = np.array([r["gt_volume_ml"] for r in rows], dtype=np.float64)
     pr_v = np.array([r["pred_volume_ml"] for r in rows], dtype=np.float64)
     vmax = float(max(gt_v.max(initial=0.0), pr_v.max(initial=0.0))) * 1.05 or 1.0
-    margin = 8
-    span = size - 2 * margin - 1
-    img = np.full((size, size, 3), 255, dtype=np.uint8)
-    # axes (black) and diagonal (grey); row 0 is the top of the picture
-    img[size - margin - 1, margin:size - margin] = 0
-    img[margin:size - margin, margin] = 0
-    diag = np.arange(span + 1)
-    img[size - margin - 1 - diag, margin + diag] = 160
-    for r, g, p in zip(rows, gt_v, pr_v):
-        x = margin + round(g / vmax * span)
-        y = size - margin - 1 - round(p / vmax * span)
-        color = (40, 40, 220) if r.get("missing_prediction") else (220, 30, 30)
-        img[max(y - 2, 0):y + 3, max(x - 2, 0):x + 3] = color
-    image = sitk.GetImageFromArray(img, isVector=True)
-    atomic_write_with(path, lambda tmp: sitk.WriteImage(image, tmp), suffix=".png")
-    return vmax
+    missing = np.array([bool(r.get("missing_prediction")) for r in rows], dtype=bool)
+    fig = new_figure(4.6, 4.6, dpi=max(100, -(-int(size) // 4)))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([0.0, vmax], [0.0, vmax], color="0.6", lw=1.0, ls="--", label="identity (perfect agreement)")
+    ax.scatter(gt_v[~missing], pr_v[~missing], s=28, color=PREDICTION_COLOR, edgecolors="black",
+               linewidths=0.6, label="scored case", zorder=3)
+    if missing.any():
+        ax.scatter(gt_v[missing], pr_v[missing], s=34, marker="s", color=REFERENCE_COLOR, edgecolors="black",
+                   linewidths=0.6, label="missing prediction (scored empty)", zorder=3)
+    ax.set_xlim(0.0, vmax)
+    ax.set_ylim(0.0, vmax)
+    ax.set_aspect("equal")
+    ax.set_xlabel("reference lesion volume (mL)")
+    ax.set_ylabel("predicted lesion volume (mL)")
+    ax.set_title(f"lesion volume, {len(rows)} case(s)", fontsize=10)
+    ax.grid(True, color="0.9")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig, vmax

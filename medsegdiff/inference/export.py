@@ -5,7 +5,9 @@ The network works on the cache grid (in-plane resampled to ``H = W = data.image_
 spacing, origin and direction, oblique ones included) with SimpleITK linear interpolation in
 physical space; thresholding happens after resampling, on the native grid, so the written mask
 follows the probability's iso-contour rather than blocky cache voxels. Every file is written
-atomically and carries the native header exactly (the official code wrote JPEGs).
+atomically and carries the native header exactly (the official code wrote JPEGs). Overlay PNGs
+outline the prediction and the reference (no blended fills, which vanish on a bright Tmax map)
+and name the case, the slices and their Dice (:func:`overlay_figure`).
 """
 
 from __future__ import annotations
@@ -116,42 +118,117 @@ def write_case(
     return {k: v for k, v in paths.items() if k != "overlay"}
 
 
-def _to_gray(image: np.ndarray) -> np.ndarray:
-    img = np.nan_to_num(np.asarray(image, dtype=np.float32))
-    lo, hi = np.percentile(img, [1.0, 99.0]) if img.size else (0.0, 1.0)
-    if hi <= lo:
-        hi = lo + 1.0
-    return (np.clip((img - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
+def _window(image: np.ndarray) -> tuple[float, float]:
+    """Grey-level window: the 1st and 99th percentile of the finite voxels."""
+    img = np.asarray(image, dtype=np.float32)
+    finite = img[np.isfinite(img)]
+    lo, hi = np.percentile(finite, [1.0, 99.0]) if finite.size else (0.0, 1.0)
+    return float(lo), float(hi if hi > lo else lo + 1.0)
 
 
-def overlay_rgb(
-    image: np.ndarray, pred: np.ndarray, reference: np.ndarray | None = None, *, n_slices: int = 3
-) -> np.ndarray:
-    """A montage ``(H, n * W, 3)`` uint8 of the slices with the most lesion.
+def dice(pred: np.ndarray, reference: np.ndarray) -> float:
+    """Dice ``2|P & R| / (|P| + |R|)`` of two masks (1.0 when both are empty)."""
+    p, r = np.asarray(pred) > 0, np.asarray(reference) > 0
+    total = int(p.sum() + r.sum())
+    return 1.0 if total == 0 else 2.0 * float((p & r).sum()) / total
 
-    Args:
-        image: ``(Z, H, W)`` one image channel (e.g. Tmax), shown in gray.
-        pred: ``(Z, H, W)`` predicted mask, blended in red.
-        reference: ``(Z, H, W)`` reference mask or None, blended in green (overlap = yellow).
-        n_slices: slices shown, chosen by predicted (+ reference) lesion area, in Z order.
+
+def overlay_slices(pred: np.ndarray, reference: np.ndarray | None, n_slices: int) -> np.ndarray:
+    """Indices of the ``n_slices`` slices with the most predicted (+ reference) lesion, in Z order.
+
+    Without any lesion, evenly spaced slices.
     """
     pred = np.asarray(pred) > 0
-    ref = None if reference is None else np.asarray(reference) > 0
-    area = pred.reshape(pred.shape[0], -1).sum(1) + (0 if ref is None else ref.reshape(ref.shape[0], -1).sum(1))
+    area = pred.reshape(pred.shape[0], -1).sum(1)
+    if reference is not None:
+        area = area + (np.asarray(reference) > 0).reshape(pred.shape[0], -1).sum(1)
     n = max(1, min(n_slices, pred.shape[0]))
     if area.max() > 0:
-        picks = np.sort(np.argsort(-area, kind="stable")[:n])
-    else:
-        picks = np.linspace(0, pred.shape[0] - 1, n).round().astype(int)
-    gray = _to_gray(image)
-    tiles = []
-    for z in picks:
-        rgb = np.repeat(gray[z][..., None], 3, axis=-1).astype(np.float32)
-        rgb[pred[z]] = 0.5 * rgb[pred[z]] + 0.5 * np.array([255.0, 0.0, 0.0])
-        if ref is not None:
-            rgb[ref[z], 1] = 0.5 * rgb[ref[z], 1] + 0.5 * 255.0
-        tiles.append(rgb.astype(np.uint8))
-    return np.concatenate(tiles, axis=1)
+        return np.sort(np.argsort(-area, kind="stable")[:n])
+    return np.linspace(0, pred.shape[0] - 1, n).round().astype(int)
+
+
+def _contour(ax: Any, mask: np.ndarray, color: str, linestyle: Any) -> None:
+    """Outline ``mask`` in ``color`` over a black halo, so it shows on dark and bright images."""
+    from medsegdiff.utils.plotting import HALO_COLOR
+
+    if not mask.any():
+        return
+    m = np.pad(mask.astype(np.float32), 1)  # closed contours at the border too
+    extent = (-1.5, mask.shape[1] + 0.5, mask.shape[0] + 0.5, -1.5)
+    ax.contour(m, levels=[0.5], colors=[HALO_COLOR], linewidths=3.4, extent=extent, origin="upper")
+    ax.contour(m, levels=[0.5], colors=[color], linewidths=1.6, linestyles=[linestyle], extent=extent,
+               origin="upper")
+
+
+def overlay_figure(
+    image: np.ndarray,
+    pred: np.ndarray,
+    reference: np.ndarray | None = None,
+    *,
+    case_id: str = "",
+    n_slices: int = 3,
+    min_tile: int = 256,
+) -> Any:
+    """A figure of the slices with the most lesion: the image in grey, outlines of the masks.
+
+    Prediction: solid magenta outline; reference: dashed cyan outline; both over a black halo
+    (visible on a black or a saturated Tmax background). Each tile is titled with its slice index
+    (and that slice's Dice with a reference); the figure title names the case and the whole-volume
+    Dice; a legend says which outline is which.
+
+    Args:
+        image: ``(Z, H, W)`` one image channel (e.g. Tmax), shown in grey (1-99 % window).
+        pred: ``(Z, H, W)`` predicted mask.
+        reference: ``(Z, H, W)`` reference mask or None.
+        case_id: shown in the title.
+        n_slices: tiles, chosen by :func:`overlay_slices`.
+        min_tile: each tile is at least this many pixels wide.
+
+    Returns:
+        A ``matplotlib.figure.Figure`` on an Agg canvas (see :mod:`medsegdiff.utils.plotting`).
+    """
+    from matplotlib.lines import Line2D
+
+    from medsegdiff.utils.plotting import HALO_COLOR, PREDICTION_COLOR, REFERENCE_COLOR, new_figure
+
+    img = np.asarray(image, dtype=np.float32)
+    pm = np.asarray(pred) > 0
+    rm = None if reference is None else np.asarray(reference) > 0
+    picks = overlay_slices(pm, rm, n_slices)
+    lo, hi = _window(img)
+    tile_in = 3.0
+    dpi = max(100, -(-int(min_tile) // int(tile_in)))
+    fig = new_figure(tile_in * len(picks), tile_in + 0.9, dpi=dpi)
+    axes = fig.subplots(1, len(picks), squeeze=False)[0]
+    for ax, z in zip(axes, picks):
+        ax.imshow(np.nan_to_num(img[z], nan=lo), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        if rm is not None:
+            _contour(ax, rm[z], REFERENCE_COLOR, (0, (3.0, 1.5)))
+        _contour(ax, pm[z], PREDICTION_COLOR, "solid")
+        title = f"slice {int(z)} of {pm.shape[0]}"
+        if rm is not None:
+            title += f", Dice {dice(pm[z], rm[z]):.2f}"
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    name = case_id or "case"
+    head = f"{name}: Dice {dice(pm, rm):.3f} (whole volume)" if rm is not None else f"{name}: no reference mask"
+    fig.suptitle(head, fontsize=10)
+    handles = [Line2D([], [], color=PREDICTION_COLOR, lw=2.0, label="prediction",
+                      path_effects=_halo(HALO_COLOR))]
+    if rm is not None:
+        handles.append(Line2D([], [], color=REFERENCE_COLOR, lw=2.0, ls=(0, (3.0, 1.5)), label="reference",
+                              path_effects=_halo(HALO_COLOR)))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.84, bottom=0.12, wspace=0.05)
+    return fig
+
+
+def _halo(color: str) -> list[Any]:
+    from matplotlib import patheffects
+
+    return [patheffects.Stroke(linewidth=4.0, foreground=color), patheffects.Normal()]
 
 
 def write_overlay(
@@ -160,25 +237,19 @@ def write_overlay(
     pred: np.ndarray,
     reference: np.ndarray | None = None,
     *,
+    case_id: str = "",
     n_slices: int = 3,
     min_tile: int = 256,
 ) -> Path:
-    """Write :func:`overlay_rgb` as an RGB PNG with SimpleITK (no matplotlib), atomically.
+    """Write :func:`overlay_figure` as an RGB PNG, atomically.
 
-    Small grids are enlarged by an integer nearest-neighbour factor so each tile is at least
-    ``min_tile`` pixels on its longer side (voxels stay square blocks; nothing is interpolated).
+    Raises:
+        OSError: the folder is not writable.
     """
-    import SimpleITK as sitk
+    from medsegdiff.utils.plotting import save_png
 
-    rgb = overlay_rgb(image, pred, reference, n_slices=n_slices)
-    tile = max(np.asarray(pred).shape[1:])
-    factor = max(1, -(-min_tile // max(tile, 1)))
-    if factor > 1:
-        rgb = np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
-    img = sitk.GetImageFromArray(rgb, isVector=True)
-    path = Path(path)
-    atomic_write_with(path, lambda tmp: sitk.WriteImage(img, tmp), suffix=".png")
-    return path
+    return save_png(overlay_figure(image, pred, reference, case_id=case_id, n_slices=n_slices,
+                                   min_tile=min_tile), path)
 
 
 def count_components(mask: np.ndarray) -> int:
@@ -245,9 +316,11 @@ __all__ = [
     "CSV_COLUMNS",
     "case_row",
     "count_components",
+    "dice",
     "geometry_image",
     "output_paths",
-    "overlay_rgb",
+    "overlay_figure",
+    "overlay_slices",
     "to_native",
     "write_case",
     "write_nifti",

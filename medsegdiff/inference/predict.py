@@ -17,6 +17,7 @@ Per case the volume's slices and the ensemble members are sampled together
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -29,12 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from medsegdiff.data.cache import cache_key
+from medsegdiff.data.cache import cache_key, fitting_cache_keys
 from medsegdiff.errors import CheckpointError, ConfigError, DataError
 
 #: Keys that may be overridden at prediction time (everything else comes from the checkpoint).
 OVERRIDABLE = ("inference.", "diffusion.respacing", "diffusion.sampler", "diffusion.eta",
-               "diffusion.clip_denoised", "model.compile", "model.channels_last", "device", "seed")
+               "diffusion.clip_denoised", "model.compile", "model.channels_last", "device", "seed", "data.layout")
+#: Every case of the data, not only the checkpoint's test split (``--cases all``).
+ALL_CASES = "all"
 CACHE_SUBDIR = "_cache"
 
 
@@ -56,8 +59,8 @@ def _check_overrides(overrides: Iterable[str]) -> list[str]:
         if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in OVERRIDABLE):
             raise ConfigError(
                 f"override {text!r}: only inference.*, diffusion.respacing/sampler/eta/clip_denoised, "
-                "model.compile/channels_last, device and seed can be changed at prediction; the model and "
-                "preprocessing come from the checkpoint"
+                "model.compile/channels_last, device, seed and data.layout can be changed at prediction; the model "
+                "and preprocessing come from the checkpoint"
             )
         out.append(text)
     return out
@@ -93,17 +96,25 @@ def _check_cache_fits(manifest: Any, cfg: Any, path: Path) -> None:
             "pass data with those modalities (or the raw dataset root so it is prepared with the checkpoint's settings)"
         )
     expected = cache_key(cfg.data)
-    if manifest.hash != expected:
+    if manifest.hash not in fitting_cache_keys(cfg.data):
         raise DataError(
             f"{path}: this cache was prepared with other preprocessing settings ({manifest.hash}) than the "
             f"checkpoint's ({expected}); pass the raw dataset root instead, it is prepared with the checkpoint's settings"
         )
 
 
-def _prepare_raw(path: Path, out_dir: Path, cfg: Any, progress: bool) -> Any:
-    """Prepare a raw root or case folder with the checkpoint's data settings into ``out_dir/_cache``."""
+def _prepare_raw(path: Path, out_dir: Path, cfg: Any, progress: bool) -> tuple[Any, bool]:
+    """Prepare a raw root or case folder with the checkpoint's data settings into ``out_dir/_cache``.
+
+    ``cfg.data.layout`` is the layout of the data to predict (``auto`` unless overridden with
+    ``data.layout=...``), not the training data's: a single case folder works with any checkpoint.
+
+    Returns:
+        ``(manifest, built)``: ``built`` is True when the cache was (re)built by this call.
+    """
     import inspect
 
+    from medsegdiff.data.cache import MANIFEST
     from medsegdiff.data.preprocess import prepare_dataset
 
     tag = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
@@ -112,8 +123,13 @@ def _prepare_raw(path: Path, out_dir: Path, cfg: Any, progress: bool) -> Any:
     kwargs: dict[str, Any] = {"progress": progress}
     if "require_mask" in inspect.signature(prepare_dataset).parameters:
         kwargs["require_mask"] = False  # prediction needs no reference mask
+    def stamp() -> float | None:
+        return (cache_dir / MANIFEST).stat().st_mtime_ns if (cache_dir / MANIFEST).is_file() else None
+
+    before = stamp()
     try:
-        return prepare_dataset(path, cache_dir, cfg.data, **kwargs)
+        manifest = prepare_dataset(path, cache_dir, cfg.data, **kwargs)
+        return manifest, stamp() != before
     except DataError as err:
         if "no usable case" not in str(err):
             raise
@@ -126,11 +142,15 @@ def resolve_sources(
     cfg: Any,
     cases: Sequence[str] | None = None,
     progress: bool = True,
+    stage: str = "predict",
 ) -> list[_Source]:
     """Open (or prepare) the data and pick the cases to predict.
 
     ``data`` is a prepared cache folder, a raw dataset root, one case folder, or a list of those;
-    raw inputs are prepared with the checkpoint's data settings into ``out_dir/_cache/``.
+    raw inputs are prepared with the checkpoint's data settings into ``out_dir/_cache/``. Cases
+    the preparation skipped (a missing modality, ...) are reported once, in one line naming
+    ``stage``: when raw data is prepared now (not again when its cache is reused), or for a
+    prepared cache given as data; not when ``cases`` are requested (they are all usable).
 
     Raises:
         DataError: a path that does not exist, no cases found, modalities that do not match the
@@ -146,11 +166,12 @@ def resolve_sources(
     for path in paths:
         if not path.exists():
             raise DataError(f"{path}: data path not found; pass a dataset root, a case folder or a prepared cache")
-        if _is_cache(path):
+        given_cache, built = _is_cache(path), False
+        if given_cache:
             manifest = Manifest.open(path)
             _check_cache_fits(manifest, cfg, path)
         else:
-            manifest = _prepare_raw(path, out_dir, cfg, progress)
+            manifest, built = _prepare_raw(path, out_dir, cfg, progress)
             _check_cache_fits(manifest, cfg, path)
         ids = [c for c in manifest.case_ids if c not in seen]
         if not manifest.case_ids:
@@ -162,8 +183,12 @@ def resolve_sources(
                     f"{first.get('case_id')}: {first.get('reason')}); the checkpoint needs {list(cfg.data.modalities)}"
                 )
             raise DataError(f"{path}: no cases found; pass an ISLES'24 dataset root, a case folder or a prepared cache")
-        for skip in manifest.skipped:
-            print(f"medsegdiff predict: skipped {skip.get('case_id')}: {skip.get('reason')}", file=sys.stderr)
+        # once: for a cache given as data, or raw data prepared now (not when reusing that cache);
+        # requested case ids never include skipped ones, so there is nothing to say then
+        if manifest.skipped and not cases and (given_cache or built):
+            listed = ", ".join(f"{skip.get('case_id')} ({skip.get('reason')})" for skip in manifest.skipped)
+            print(f"medsegdiff {stage}: {len(manifest.skipped)} case(s) of {path} were skipped when it was "
+                  f"prepared: {listed}", file=sys.stderr)
         seen.update(ids)
         sources.append(_Source(manifest, ids))
     if cases:
@@ -177,6 +202,39 @@ def resolve_sources(
         sources = [_Source(s.manifest, [c for c in s.case_ids if c in wanted]) for s in sources]
         sources = [s for s in sources if s.case_ids]
     return sources
+
+
+def checkpoint_test_cases(checkpoint: str | os.PathLike[str]) -> list[str] | None:
+    """The test subjects of the checkpoint's run (``<run>/splits.json``), or None without one."""
+    import json
+
+    path = Path(checkpoint)
+    run = path if path.is_dir() else path.parent.parent  # <run>/checkpoints/x.pt
+    split_file = run / "splits.json"
+    try:
+        test = json.loads(split_file.read_text(encoding="utf-8")).get("test")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [str(c) for c in test] if isinstance(test, list) else None
+
+
+def _default_to_test_split(sources: list[_Source], checkpoint: Path, data: Any) -> list[_Source]:
+    """Without ``--cases``: the checkpoint's test subjects when the data holds them (else all, said)."""
+    found = [c for s in sources for c in s.case_ids]
+    if len(found) <= 1:
+        return sources
+    test = checkpoint_test_cases(checkpoint)
+    keep = set(test or ()) & set(found)
+    if not keep:
+        why = ("the checkpoint's run has no splits.json" if test is None
+               else f"none of the {len(test)} test subjects of the checkpoint's splits.json is in it")
+        print(f"medsegdiff predict: predicting all {len(found)} cases of {data}: {why}, so training cases "
+              "may be among them; pass --cases to choose", file=sys.stderr)
+        return sources
+    print(f"medsegdiff predict: predicting the {len(keep)} test case(s) of the checkpoint's split "
+          f"(of {len(found)} in the data); pass --cases {ALL_CASES} for every case", file=sys.stderr)
+    return [_Source(s.manifest, [c for c in s.case_ids if c in keep]) for s in sources
+            if any(c in keep for c in s.case_ids)]
 
 
 def _case_seed(seed: int, case_id: str) -> int:
@@ -272,6 +330,9 @@ class Predictor:
             raise CheckpointError(f"{path}: checkpoint not found; pass a checkpoints/*.pt file or a run directory")
         overrides = _check_overrides(overrides)
         model, cfg, ckpt = load_for_inference(path, use_ema=True, device="cpu")
+        if not any(o.split("=", 1)[0].strip() == "data.layout" for o in overrides):
+            # the training data's layout says nothing about the data to predict: detect it
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, layout="auto"))
         cfg = apply_inference_overrides(cfg, overrides)
         return cls(path, model, cfg, ckpt, list(overrides))
 
@@ -346,7 +407,9 @@ def predict(
         out_dir: output folder (created).
         overrides: ``key=value`` for :data:`OVERRIDABLE` keys, e.g. ``inference.ensemble=3``,
             ``diffusion.respacing=ddim50``.
-        cases: restrict to these case ids.
+        cases: restrict to these case ids; ``["all"]`` = every case. None: the test subjects of
+            the checkpoint's run (``splits.json``) when the data holds several cases and some of
+            them (a note says so), else every case (with a warning when there is no split).
         progress: tqdm bars (cases, and denoising steps per case).
 
     Returns:
@@ -365,7 +428,10 @@ def predict(
     cfg, inf = pred.cfg, pred.cfg.inference
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sources = resolve_sources(data, out, cfg, cases, progress)
+    every = cases is not None and [c.lower() for c in cases] == [ALL_CASES]
+    sources = resolve_sources(data, out, cfg, None if every else cases, progress)
+    if cases is None:
+        sources = _default_to_test_split(sources, pred.checkpoint, data)
     todo = [(s.manifest, cid) for s in sources for cid in s.case_ids]
 
     bar = None
@@ -384,7 +450,7 @@ def predict(
         if inf.overlays:
             export.write_overlay(export.output_paths(out, case_id)["overlay"],
                                  np.asarray(case.image[chan], dtype=np.float32), res["mask_cache"],
-                                 _reference_mask(case))
+                                 _reference_mask(case), case_id=case_id)
         rows.append(export.case_row(case_id, res["mask_native"], res["unc_native"], native_geo.voxel_volume_ml,
                                     pred.threshold, combine=inf.combine, members=pred.members_per_case,
                                     respacing=pred.respacing))
@@ -413,4 +479,5 @@ def predict(
     return written
 
 
-__all__ = ["OVERRIDABLE", "Predictor", "apply_inference_overrides", "predict", "resolve_sources"]
+__all__ = ["ALL_CASES", "OVERRIDABLE", "Predictor", "apply_inference_overrides", "checkpoint_test_cases", "predict",
+           "resolve_sources"]

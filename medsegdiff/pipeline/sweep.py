@@ -22,7 +22,6 @@ import itertools
 import json
 import os
 import shlex
-import stat
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -167,7 +166,8 @@ def expand_sweep(
 def _write_executable(path: Path, text: str) -> None:
     def writer(tmp: str) -> None:
         Path(tmp).write_text(text, encoding="utf-8")
-        os.chmod(tmp, os.stat(tmp).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH | stat.S_IRGRP | stat.S_IROTH)
+        mode = os.stat(tmp).st_mode
+        os.chmod(tmp, mode | (mode & 0o444) >> 2)  # like `chmod +x`: executable where readable (umask kept)
 
     atomic_write_with(path, writer)
 

@@ -67,7 +67,7 @@ def calibrate_checkpoint(
     run_dir = Path(run_dir)
     pred = Predictor.load(ckpt_path, [*overrides, "inference.use_calibrated_threshold=false"])
     method = pred.cfg.inference.combine
-    sources = resolve_sources(data, run_dir / "calibration_cache", pred.cfg, cases, progress)
+    sources = resolve_sources(data, run_dir / "calibration_cache", pred.cfg, cases, progress, stage="calibrate")
     members, geos, gts, vvs, ids = [], [], [], [], []
     for src in sources:
         for cid in src.case_ids:

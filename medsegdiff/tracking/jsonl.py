@@ -2,7 +2,8 @@
 
 Each line holds ``step`` and ``time`` (Unix seconds) and either the metrics themselves, or
 ``table``/``columns``/``rows``, or ``images`` with the PNG files written under ``images/``.
-Each line is flushed as it is written, so a killed run keeps everything logged before.
+Each line is flushed as it is written, so a killed run keeps everything logged before. When the
+tracker finishes, the curves are drawn into ``learning_curves.png`` (:mod:`.curves`).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 class JsonlTracker:
     """Append-only JSON-lines log in the run directory (``run_dir/metrics.jsonl``)."""
 
-    def __init__(self, run_dir: str | os.PathLike[str], *, images: bool = True) -> None:
+    def __init__(self, run_dir: str | os.PathLike[str], *, images: bool = True, curves: bool = True) -> None:
         self.run_dir = Path(run_dir)
+        self.curves = curves
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         self.images = images
@@ -76,6 +78,11 @@ class JsonlTracker:
         self._write({"step": int(step), "time": round(time.time(), 3), "images": name, "files": files})
 
     def finish(self) -> None:
+        """Close the file and draw ``learning_curves.png`` next to it (when there is any curve)."""
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+            if self.curves:
+                from medsegdiff.tracking.curves import CURVES_FILE, write_learning_curves
+
+                write_learning_curves(self.path, self.run_dir / CURVES_FILE)

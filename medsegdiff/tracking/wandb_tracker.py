@@ -1,7 +1,9 @@
 """Weights & Biases tracker: offline by default, inside the run directory.
 
 Offline runs need no network and no account: they are written to ``<run_dir>/wandb/offline-run-*``
-and uploaded later with ``wandb sync <run_dir>/wandb/offline-run-*``. ``wandb`` is imported only
+and uploaded later with ``wandb sync <run_dir>/wandb/offline-run-*``. The standard W&B variables
+are honoured and never silently: ``WANDB_MODE`` wins over ``tracking.mode`` and ``WANDB_DIR``
+moves the W&B files, each with a console warning saying so (:func:`environment_notes`). ``wandb`` is imported only
 when a tracker is created, never at module import. Starting W&B is bounded by
 ``tracking.init_timeout``; code saving, git probing, system statistics and console capture are off
 so that an offline start takes well under a second.
@@ -44,18 +46,53 @@ def is_logged_in(env: Mapping[str, str] | None = None) -> bool:
     return bool(auth and auth[2])
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
+
+
 def resolve_mode(mode: str, env: Mapping[str, str] | None = None) -> str:
     """``offline``/``online`` as given; ``auto`` = online when logged in, else offline.
 
-    ``WANDB_MODE=offline|disabled`` in the environment wins over the config (standard W&B switch).
+    ``WANDB_MODE`` in the environment (``online``, ``offline``, ``disabled``; the old ``dryrun``
+    and ``run`` too) wins over the config, as everywhere in W&B; :func:`environment_notes` says
+    so on the console. An unknown ``WANDB_MODE`` is ignored (and reported there).
     """
     env = os.environ if env is None else env
-    forced = env.get("WANDB_MODE", "").lower()
-    if forced in ("offline", "disabled", "dryrun"):
-        return "offline" if forced == "dryrun" else forced
+    forced = env.get("WANDB_MODE", "").strip().lower()
+    forced = _MODE_ALIASES.get(forced, forced)
+    if forced in WANDB_MODES:
+        return forced
     if mode == "auto":
         return "online" if is_logged_in(env) else "offline"
     return mode
+
+
+def resolve_dir(run_dir: Path, env: Mapping[str, str] | None = None) -> Path:
+    """Where W&B writes its files: ``$WANDB_DIR`` when set (honoured, as W&B does), else ``run_dir``."""
+    env = os.environ if env is None else env
+    custom = env.get("WANDB_DIR", "").strip()
+    return Path(custom) if custom else run_dir
+
+
+def environment_notes(mode: str, run_dir: Path, env: Mapping[str, str] | None = None) -> list[str]:
+    """One line per W&B environment variable that changes what the config says (for the console)."""
+    env = os.environ if env is None else env
+    notes = []
+    raw = env.get("WANDB_MODE", "").strip()
+    if raw:
+        resolved = resolve_mode(mode, env)
+        wanted = resolve_mode(mode, {k: v for k, v in env.items() if k != "WANDB_MODE"})
+        if _MODE_ALIASES.get(raw.lower(), raw.lower()) not in WANDB_MODES:
+            notes.append(f"WANDB_MODE={raw!r} is not a W&B mode ({', '.join(WANDB_MODES)}); it is ignored "
+                         f"and tracking.mode={mode} gives {resolved}")
+        elif resolved != wanted:
+            notes.append(f"WANDB_MODE={raw} in the environment overrides tracking.mode={mode} ({wanted}): "
+                         f"W&B runs {resolved} (unset WANDB_MODE to follow the config)")
+    where = resolve_dir(run_dir, env)
+    if where != run_dir:
+        notes.append(f"WANDB_DIR={where} in the environment: the W&B files go to {where / 'wandb'} instead of "
+                     f"{run_dir / 'wandb'} (unset WANDB_DIR to keep them in the run directory)")
+    return notes
 
 
 def _settings(wandb: Any, init_timeout: float) -> Any:
@@ -92,6 +129,8 @@ class WandbTracker:
         tcfg = cfg.tracking
         self.run_dir = Path(run_dir)
         self.mode = resolve_mode(tcfg.mode)
+        for note in environment_notes(tcfg.mode, self.run_dir):
+            logger.warning("%s", note)
         wandb = module if module is not None else importlib.import_module("wandb")
         self._wandb = wandb
         wandb_dir = self.run_dir / "wandb"
@@ -110,7 +149,7 @@ class WandbTracker:
             tags=list(tcfg.tags) or None,
             name=tcfg.name or self.run_dir.name,
             config=to_dict(cfg),
-            dir=str(self.run_dir),
+            dir=str(resolve_dir(self.run_dir)),
             id=run_id,
             resume="allow",
             settings=_settings(wandb, tcfg.init_timeout),

@@ -4,10 +4,22 @@ A process group is created only when ``WORLD_SIZE > 1`` (never for a single proc
 upstream improved-diffusion which needs MPI and a group even on one GPU). The backend is NCCL on
 CUDA devices and gloo on the CPU. Every collective here is a no-op without a group, so the trainer
 calls them unconditionally.
+
+Leaving cleanly (issue #14: a rank sometimes aborted after training with "terminate called
+without an active exception", exit -6). The cause: the gloo group outlived
+``destroy_process_group()`` (a hidden reference taken by the first ``torch._dynamo`` import, which
+DDP does), so its worker threads (``pt_gloo_runloop``, ``gloo_tcp_loop``) were still running when
+the interpreter shut down; a worker that then released the last reference to a Python-created
+tensor of a finished collective (an all-gather's) needed the GIL during finalisation, and the
+thread was torn down inside a C++ destructor, which calls ``std::terminate``. Now
+:func:`init_distributed` imports ``torch._dynamo`` before the group exists and :func:`cleanup`
+destroys the group after the DDP wrappers are gone, so the group dies in ``cleanup`` and its
+threads are joined there.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -68,15 +80,40 @@ def init_distributed(device: str = "auto") -> DistContext:
         return DistContext(0, 1, 0, dev, False)
     owns = False
     if not dist.is_initialized():
+        _import_dynamo_before_group()
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, init_method="env://")
         owns = True
     return DistContext(dist.get_rank(), dist.get_world_size(), local, dev, owns)
 
 
+def _import_dynamo_before_group() -> None:
+    """Import ``torch._dynamo`` now, before the process group exists (see the module docstring).
+
+    ``DistributedDataParallel.__init__`` imports it on first use. When that first import happens
+    while a group exists, the group is never freed (torch 2.13, measured): after
+    ``destroy_process_group()`` gloo's worker threads (``pt_gloo_runloop`` x 2, ``gloo_tcp_loop``)
+    are still running at interpreter exit, and a rank that finishes first is sometimes killed by
+    ``terminate called without an active exception`` (exit -6). Imported first, the group dies
+    in ``destroy_process_group()`` and its threads are joined.
+    """
+    import torch._dynamo  # noqa: F401 - delayed: a heavy import needed only by multi-process runs
+
+
 def cleanup(ctx: DistContext) -> None:
-    """Destroy the process group if :func:`init_distributed` created it."""
+    """Destroy the process group if :func:`init_distributed` created it, joining its threads.
+
+    Call it after dropping every ``DistributedDataParallel`` wrapper and data-loader iterator (the
+    trainer does). Order matters (torch 2.13, seen in a hung rank's stacks): the group's gloo worker
+    threads release the tensors of finished collectives lazily, and releasing a tensor that Python
+    created takes the GIL. ``destroy_process_group()`` drops the group without holding the GIL, so
+    its destructor can join those threads; a DDP reducer freed *after* it would be the group's last
+    owner and destroy it while holding the GIL, and join a thread that waits for the GIL: a
+    deadlock. Hence the collection here, while the group is still alive: it frees wrappers that
+    are only held by reference cycles.
+    """
     if ctx.owns_group and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

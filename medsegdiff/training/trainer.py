@@ -262,6 +262,7 @@ class Trainer:
             torch.use_deterministic_algorithms(self._det_prev[0], warn_only=self._det_prev[1])
             self._det_prev = None
         if self.dist is not None:
+            self.ddp = self.step_module = self.batches = None  # before the group goes: see cleanup()
             cleanup(self.dist)
             self.dist = None
 

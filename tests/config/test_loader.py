@@ -160,3 +160,47 @@ def test_generic_types_and_defaults_are_not_shared():
 
 def test_defaults_validate():
     assert load_config(None) == ExperimentConfig()
+
+
+def test_block_selection_on_the_command_line_swaps_a_defaults_entry(tmp_path):
+    from medsegdiff.config.loader import select_blocks, split_block_selections
+
+    write(tmp_path / "train" / "long.yaml", "train:\n  steps: 500\n  batch_size: 4\n")
+    write(tmp_path / "train" / "quick.yaml", "train:\n  steps: 5\n")
+    exp = write(tmp_path / "e.yaml", "defaults: [train/long]\ntrain:\n  batch_size: 2\n")
+    assert load_config(exp).train.steps == 500
+    cfg = load_config(exp, ["train=quick", "optim.lr=0.5"])
+    assert cfg.train.steps == 5  # the block was swapped ...
+    assert cfg.train.batch_size == 2  # ... the file's own keys still win over blocks ...
+    assert cfg.optim.lr == 0.5  # ... and key overrides still apply
+    assert cfg.model == load_config(exp).model
+    # a group the experiment does not list is appended; names that are not groups stay key overrides
+    assert load_config(exp, ["model=small"]).model.channel_mult == [1, 1, 2, 2, 4, 4]
+    assert load_config(exp, ["name=x", "seed=3"]).name == "x"
+    assert select_blocks(["model/tiny", "train/full"], {"train": "debug"}) == ["model/tiny", "train/debug"]
+    assert split_block_selections(["train=debug", "train.steps=3", "name=x"]) == (
+        {"train": "debug"}, ["train.steps=3", "name=x"])
+    with pytest.raises(ConfigError, match=r"config block 'train/nope' not found; looked in: .*train/nope.yaml"):
+        load_config(exp, ["train=nope"])
+    two = write(tmp_path / "two.yaml", "defaults: [train/long, train/quick]\n")
+    with pytest.raises(ConfigError, match=r"'train=long'.*several train blocks \(train/long, train/quick\)"):
+        load_config(two, ["train=long"])
+    assert load_config(None, ["train=debug"]).train.steps == 20  # packaged train/debug without a file
+
+
+def test_blocks_ship_in_the_package_and_local_ones_take_precedence(tmp_path, monkeypatch):
+    from medsegdiff.config.loader import block_search_path, packaged_configs_dir
+
+    monkeypatch.delenv("MEDSEGDIFF_CONFIGS", raising=False)
+    pkg = packaged_configs_dir()
+    assert (pkg / "model" / "tiny.yaml").is_file() and pkg.parent.name == "medsegdiff"
+    exp = write(tmp_path / "exp" / "e.yaml", "defaults: [model/tiny, train/debug]\n")
+    assert load_config(exp).train.steps == 20  # found in the package, from anywhere
+    env_dir = tmp_path / "mine"
+    write(env_dir / "train" / "debug.yaml", "train:\n  steps: 7\n")
+    monkeypatch.setenv("MEDSEGDIFF_CONFIGS", str(env_dir))
+    assert block_search_path(exp.parent)[:3] == [exp.parent, env_dir, pkg]
+    assert load_config(exp).train.steps == 7  # $MEDSEGDIFF_CONFIGS before the package
+    write(exp.parent / "train" / "debug.yaml", "train:\n  steps: 9\n")
+    assert load_config(exp).train.steps == 9  # next to the experiment before everything
+    assert load_config(exp).model == load_config(None, ["model=tiny"]).model  # the rest still packaged

@@ -12,7 +12,6 @@ from medsegdiff.inference.export import (
     case_row,
     count_components,
     geometry_image,
-    overlay_rgb,
     to_native,
     write_case,
     write_overlay,
@@ -101,30 +100,52 @@ def test_to_native_uses_physical_space_not_indices():
     assert cb[2] - ca[2] == pytest.approx(cache.spacing[0] / NATIVE.spacing[0], abs=0.3)
 
 
-def test_overlay_png_colours(tmp_path):
-    image = np.zeros((4, 8, 8), np.float32)  # black background: blends are exact
-    pred = np.zeros((4, 8, 8), np.uint8)
-    ref = np.zeros((4, 8, 8), np.uint8)
-    pred[2, 1:3, 1:3] = 1
-    ref[2, 5:7, 5:7] = 1
-    rgb = overlay_rgb(image, pred, ref, n_slices=2)
-    assert rgb.shape == (8, 16, 3) and rgb.dtype == np.uint8
-    path = write_overlay(tmp_path / "o.png", image, pred, ref, n_slices=2, min_tile=0)
-    back = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-    np.testing.assert_array_equal(back, rgb)
-    # small grids are enlarged by an integer nearest-neighbour factor: 8 px tiles -> 32 px (factor 4)
-    big = sitk.GetArrayFromImage(sitk.ReadImage(str(write_overlay(tmp_path / "b.png", image, pred, ref,
-                                                                  n_slices=2, min_tile=30))))
-    assert big.shape == (32, 64, 3)
-    np.testing.assert_array_equal(big[::4, ::4], rgb)
-    # slice 2 has the lesions; slices are shown in z order, so it is one of the two tiles
-    # slice 2 has the most lesion, then slice 0 (stable order): tiles are z-sorted -> [0, 2]
-    tile = rgb[:, 8:]
-    np.testing.assert_array_equal(tile[1, 1], [127, 0, 0])  # prediction: half red
-    np.testing.assert_array_equal(tile[5, 5], [0, 127, 0])  # reference: half green
-    np.testing.assert_array_equal(tile[0, 0], [0, 0, 0])
-    assert rgb[:, :8].max() == 0
+def _near(rgb: np.ndarray, hex_color: str, tol: int = 40) -> np.ndarray:
+    target = np.array([int(hex_color[i:i + 2], 16) for i in (1, 3, 5)])
+    return np.abs(rgb.astype(int) - target).max(-1) <= tol
 
+
+def test_overlay_outlines_visible_on_dark_and_bright_with_legend_and_titles(tmp_path):
+    from medsegdiff.inference.export import dice, overlay_figure
+    from medsegdiff.utils.plotting import PREDICTION_COLOR, REFERENCE_COLOR, figure_rgb
+
+    image = np.zeros((4, 32, 32), np.float32)
+    image[:, :, 16:] = 1000.0  # right half saturated white (a bright Tmax), left half black
+    pred = np.zeros((4, 32, 32), np.uint8)
+    ref = np.zeros((4, 32, 32), np.uint8)
+    pred[2, 8:20, 2:12] = 1  # on black
+    ref[2, 8:20, 20:30] = 1  # on white: a blended green fill was invisible here
+    rgb = figure_rgb(overlay_figure(image, pred, ref, case_id="sub-stroke0007", n_slices=2, min_tile=256))
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+    magenta, cyan = _near(rgb, PREDICTION_COLOR), _near(rgb, REFERENCE_COLOR)
+    assert magenta.sum() > 100 and cyan.sum() > 100
+    # outlines, not fills: far fewer coloured pixels than the filled lesion would cover
+    px_per_voxel = (rgb.shape[1] / 2 / 32) ** 2
+    assert cyan.sum() < 0.5 * ref.sum() * px_per_voxel and magenta.sum() < 0.5 * pred.sum() * px_per_voxel
+    fig = overlay_figure(image, pred, ref, case_id="sub-stroke0007", n_slices=2)
+    assert fig._suptitle.get_text() == f"sub-stroke0007: Dice {dice(pred, ref):.3f} (whole volume)"
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["slice 0 of 4, Dice 1.00", "slice 2 of 4, Dice 0.00"]  # z order, both-empty Dice = 1
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["prediction", "reference"]
+    no_ref = overlay_figure(image, pred, None, case_id="c1")
+    assert no_ref._suptitle.get_text() == "c1: no reference mask"
+    assert [t.get_text() for t in no_ref.legends[0].get_texts()] == ["prediction"]
+    # the PNG on disk is exactly the rendered figure, in RGB
+    path = write_overlay(tmp_path / "o.png", image, pred, ref, case_id="sub-stroke0007", n_slices=2)
+    back = sitk.ReadImage(str(path))
+    assert back.GetNumberOfComponentsPerPixel() == 3
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), rgb)
+
+
+def test_dice_of_masks():
+    from medsegdiff.inference.export import dice
+
+    a = np.zeros((2, 4, 4), bool)
+    b = np.zeros((2, 4, 4), bool)
+    assert dice(a, b) == 1.0
+    a[0, :2, :2] = True  # 4 voxels
+    b[0, :2, :1] = True  # 2 voxels, both inside a
+    assert dice(a, b) == pytest.approx(2 * 2 / 6)
 
 def test_predictions_csv_row(tmp_path):
     mask = np.zeros((4, 6, 6), np.uint8)

@@ -13,26 +13,6 @@ from medsegdiff.errors import CheckpointError, ConfigError, DataError
 MODALITIES = ["cbf", "tmax"]
 
 
-def _make_checkpoint(run_dir: Path, modalities: list[str]) -> Path:
-    import torch
-
-    from medsegdiff.config.base import to_dict
-    from medsegdiff.config.loader import config_from_dict
-    from medsegdiff.nets.registry import build_model
-    from medsegdiff.training.checkpoint import save_checkpoint
-
-    cfg = config_from_dict({
-        "model": {"base_channels": 8, "channel_mult": [1, 2], "norm_groups": 4, "attention_resolutions": []},
-        "data": {"image_size": 16, "modalities": modalities, "prepare_workers": 1},
-        "diffusion": {"respacing": "ddim2"},
-        "inference": {"ensemble": 2, "batch_size": 16},
-    })
-    torch.manual_seed(0)
-    state = build_model(cfg).state_dict()
-    return save_checkpoint(run_dir / "checkpoints" / "best.pt",
-                           {"model": state, "ema": state, "step": 0, "config": to_dict(cfg)})
-
-
 @pytest.fixture(scope="module")
 def raw_root(tmp_path_factory) -> Path:
     from medsegdiff.data.synthetic import generate_dataset
@@ -43,8 +23,8 @@ def raw_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return _make_checkpoint(tmp_path_factory.mktemp("run"), MODALITIES)
+def checkpoint(tmp_path_factory, tiny_checkpoint_factory) -> Path:
+    return tiny_checkpoint_factory(tmp_path_factory.mktemp("run"), MODALITIES)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +105,7 @@ def test_predict_command_line(predicted, checkpoint, tmp_path, capsys):
     assert "wrote 1 case(s)" in capsys.readouterr().out
 
 
-def test_bad_inputs_have_one_line_messages(predicted, checkpoint, raw_root, tmp_path, capsys):
+def test_bad_inputs_have_one_line_messages(predicted, checkpoint, raw_root, tmp_path, capsys, tiny_checkpoint_factory):
     from medsegdiff.cli import main
     from medsegdiff.inference.predict import predict
 
@@ -137,11 +117,11 @@ def test_bad_inputs_have_one_line_messages(predicted, checkpoint, raw_root, tmp_
     truncated.write_bytes(checkpoint.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         predict(truncated, cache, tmp_path / "o")
-    other = _make_checkpoint(tmp_path / "run2", ["cbf", "cbv"])
+    other = tiny_checkpoint_factory(tmp_path / "run2", ["cbf", "cbv"])
     with pytest.raises(DataError, match=r"has modalities \['cbf', 'tmax'\] but the checkpoint was trained on "
                                         r"\['cbf', 'cbv'\]"):
         predict(other, cache, tmp_path / "o", progress=False)
-    ctp = _make_checkpoint(tmp_path / "run3", ["ctp"])  # the synthetic data has no CTP
+    ctp = tiny_checkpoint_factory(tmp_path / "run3", ["ctp"])  # the synthetic data has no CTP
     with pytest.raises(DataError, match=r"no usable case.*missing.*ctp.*trained on modalities \['ctp'\]"):
         predict(ctp, raw_root, tmp_path / "o", progress=False)
     with pytest.raises(DataError, match="data path not found"):
@@ -218,3 +198,58 @@ def test_predict_3d_patch_model_uses_sliding_windows(raw_root, tmp_path):
         assert sitk.ReadImage(str(p)).GetSize() == _ncct(raw_root, cid).GetSize()
         unc = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / f"{cid}_uncertainty.nii.gz")))
         assert unc.max() > 0  # two members really differ
+
+
+def test_predict_arguments_as_documented(raw_root, tmp_path, capsys, tiny_checkpoint_factory):
+    """A zenodo-trained checkpoint predicts a single case folder, data.layout=auto is accepted, the
+    default is the run's test split (else every case, said), and --cases takes spaces and commas."""
+    from medsegdiff.cli import main
+    from medsegdiff.inference.predict import predict
+
+    run = tmp_path / "run"
+    ckpt = tiny_checkpoint_factory(run, MODALITIES, data={"layout": "zenodo"},
+                                   inference={"ensemble": 1, "overlays": False})
+    ids = sorted(p.name for p in (raw_root / "derivatives").glob("sub-stroke*"))
+    folder = raw_root / "derivatives" / ids[1]
+    assert [p.name for p in predict(ckpt, folder, tmp_path / "one", progress=False)] == [f"{ids[1]}.nii.gz"]
+    got = predict(ckpt, folder, tmp_path / "auto", overrides=["data.layout=auto"], progress=False)
+    assert [p.name for p in got] == [f"{ids[1]}.nii.gz"]
+    capsys.readouterr()
+    # no splits.json: every case, with a warning that training cases may be among them
+    assert len(predict(ckpt, raw_root, tmp_path / "all", progress=False)) == 2
+    assert "predicting all 2 cases" in capsys.readouterr().err
+    (run / "splits.json").write_text(json.dumps({"train": [ids[1]], "val": [], "test": [ids[0]]}))
+    got = predict(ckpt, raw_root, tmp_path / "test", progress=False)
+    assert [p.name for p in got] == [f"{ids[0]}.nii.gz"]
+    assert "predicting the 1 test case(s) of the checkpoint's split (of 2 in the data)" in capsys.readouterr().err
+    assert len(predict(ckpt, raw_root, tmp_path / "every", cases=["all"], progress=False)) == 2
+    # --cases with spaces, commas and an override after them
+    out = tmp_path / "cli"
+    assert main(["predict", "--checkpoint", str(ckpt), "--data", str(raw_root), "--out", str(out),
+                 "--no-progress", "--cases", f"{ids[0]},", ids[1], "inference.overlays=true"]) == 0
+    assert sorted(p.name for p in out.glob("*_overlay.png")) == [f"{i}_overlay.png" for i in ids]
+
+
+def test_a_skipped_case_is_reported_once_with_the_stage_name(raw_root, checkpoint, tmp_path, capsys):
+    import shutil
+
+    from medsegdiff.inference.predict import Predictor, resolve_sources
+
+    root = tmp_path / "data"
+    shutil.copytree(raw_root, root)
+    ids = sorted(p.name for p in (root / "derivatives").glob("sub-stroke*"))
+    for f in (root / "derivatives" / ids[0]).rglob("*cbf*"):
+        f.unlink()  # this case misses a modality the checkpoint needs
+    cfg = Predictor.load(checkpoint).cfg
+    sources = resolve_sources(root, tmp_path / "out", cfg, progress=False)
+    assert [c for s in sources for c in s.case_ids] == [ids[1]]
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"medsegdiff predict: 1 case(s) of {root} were skipped")
+    assert ids[0] in err and "cbf" in err
+    resolve_sources(root, tmp_path / "out", cfg, progress=False)  # the same cache reused: said already
+    resolve_sources(root, tmp_path / "out", cfg, [ids[1]], progress=False)  # cases asked for: all usable
+    assert capsys.readouterr().err == ""
+    cache = next((tmp_path / "out" / "_cache").iterdir())
+    resolve_sources(cache, tmp_path / "out2", cfg, progress=False, stage="calibrate")
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"medsegdiff calibrate: 1 case(s) of {cache} were skipped")

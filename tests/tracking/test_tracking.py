@@ -158,6 +158,34 @@ def test_nonzero_rank_logs_nothing(tmp_path, monkeypatch, fake_wandb):
     assert not (tmp_path / "metrics.jsonl").exists() and not fake_wandb.inits
 
 
+def test_wandb_environment_is_honoured_and_said(tmp_path, monkeypatch, fake_wandb, caplog):
+    """WANDB_MODE wins over tracking.mode and WANDB_DIR moves the files, each with a console warning."""
+    from medsegdiff.tracking.wandb_tracker import environment_notes
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    assert environment_notes("offline", tmp_path) == []
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert resolve_mode("offline") == "online"
+    elsewhere = tmp_path / "scratch"
+    monkeypatch.setenv("WANDB_DIR", str(elsewhere))
+    with caplog.at_level("WARNING", logger="medsegdiff.tracking"):
+        t = make_tracker(cfg_with("tracking.mode=offline"), tmp_path / "run", wandb_module=fake_wandb)
+        t.finish()
+    init = fake_wandb.inits[0]
+    assert init["mode"] == "online" and init["dir"] == str(elsewhere)
+    text = caplog.text
+    assert "WANDB_MODE=online in the environment overrides tracking.mode=offline" in text
+    assert f"WANDB_DIR={elsewhere}" in text and str(tmp_path / "run" / "wandb") in text
+    # the same mode as the config: nothing to say; an unknown mode is ignored, and said
+    monkeypatch.delenv("WANDB_DIR")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert environment_notes("offline", tmp_path) == []
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    assert resolve_mode("offline") == "offline"
+    assert "is not a W&B mode" in environment_notes("offline", tmp_path)[0]
+
+
 def test_importing_tracking_does_not_import_wandb():
     import subprocess
 
@@ -170,6 +198,7 @@ def test_real_wandb_offline_run_lives_in_run_dir(tmp_path, monkeypatch):
     """The real wandb package, offline: the run folder is under run_dir/wandb and holds the metrics."""
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     t = make_tracker(cfg_with("tracking.mode=offline"), tmp_path)
     t.log({"quickstart_metric_xyz": 0.125}, step=2)
@@ -207,3 +236,27 @@ def test_progress_tracker_advances_to_the_logged_step_and_forwards(tmp_path):
     inner.log({"after": 1}, step=41)  # closing the bar leaves the tracker open
     inner.finish()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [20, 20, 40, 41]
+
+
+def test_learning_curves_written_at_finish_with_labelled_axes(tmp_path):
+    from medsegdiff.tracking.curves import CURVES_FILE, learning_curves_figure
+    from medsegdiff.tracking.jsonl import read_metrics
+
+    t = make_tracker(cfg_with("tracking.backend=none"), tmp_path)
+    for step in (1, 2, 3):
+        t.log({"train/loss": 1.0 / step, "train/dice": 0.5, "train/lr": 0.1}, step=step)
+    t.log({"val/dice": 0.4}, step=3)
+    t.finish()
+    assert (tmp_path / CURVES_FILE).is_file()
+    fig = learning_curves_figure(read_metrics(tmp_path / "metrics.jsonl"))
+    train_ax, val_ax = fig.axes
+    assert train_ax.get_xlabel() == val_ax.get_xlabel() == "optimisation step"
+    assert train_ax.get_ylabel() == "loss (per term)" and val_ax.get_ylabel() == "metric"
+    assert sorted(t.get_text() for t in train_ax.get_legend().get_texts()) == ["train/dice", "train/loss"]  # no lr
+    line = next(ln for ln in train_ax.get_lines() if ln.get_label() == "train/loss")
+    assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == [1.0, 0.5, 1.0 / 3]
+    # nothing to draw: no file
+    other = tmp_path / "empty"
+    t2 = make_tracker(cfg_with("tracking.backend=none"), other)
+    t2.finish()
+    assert not (other / CURVES_FILE).exists()

@@ -136,6 +136,7 @@ BASE_OVERRIDES = [
 def main(argv: list[str]) -> int:
     """``RUN_DIR [--resume] [--noise X] [--dropout X] [--stop-at N] [--sleep S] key=value ...``"""
     import argparse
+    import os
     import time
 
     from medsegdiff.config import load_config
@@ -149,8 +150,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--sleep", type=float, default=0.0, help="seconds per objective call (SIGKILL window)")
     p.add_argument("--nan-step", type=int, action="append", default=[], help="objective step giving NaN")
     p.add_argument("--nan-rank", type=int, default=None, help="only this rank gives the NaN")
+    p.add_argument("--report-threads", action="store_true",
+                   help="after training write RUN_DIR/threads_rank<R>.json: the threads still alive")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)
+    hang_dump = os.environ.get("MEDSEGDIFF_HANG_DUMP_S")
+    if hang_dump:  # a rank still running after this many seconds prints every thread's stack
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(hang_dump), exit=False)
     torch.set_num_threads(1)
     cfg = load_config(None, [*BASE_OVERRIDES, *args.overrides])
     factory = make_components(noise=args.noise, dropout=args.dropout, nan_steps=tuple(args.nan_step),
@@ -170,7 +178,63 @@ def main(argv: list[str]) -> int:
             return comps
 
     train(cfg, args.run_dir, resume=args.resume, components=factory)
+    if args.report_threads:
+        write_thread_report(Path(args.run_dir))
     return 0
+
+
+def live_threads() -> dict[str, Any]:
+    """Python threads and native (OS) thread names of this process (native ones from /proc, Linux)."""
+    import os
+    import threading
+
+    native: list[str] = []
+    tasks = Path("/proc/self/task")
+    if tasks.is_dir():
+        for t in tasks.iterdir():
+            try:
+                native.append((t / "comm").read_text().strip())
+            except OSError:  # the thread ended while listing
+                pass
+    import torch.distributed as dist
+
+    return {"python": sorted(t.name for t in threading.enumerate()), "native": sorted(native),
+            "pid": os.getpid(), "group_initialized": dist.is_available() and dist.is_initialized()}
+
+
+def write_thread_report(run_dir: Path) -> None:
+    import json
+    import os
+
+    rank = int(os.environ.get("RANK", "0") or 0)
+    (run_dir / f"threads_rank{rank}.json").write_text(json.dumps(live_threads()))
+
+
+def run_two_ranks(run_dir: Path, args: list[str], env: dict[str, str]) -> Any:
+    """torchrun this script with 2 CPU ranks (gloo); the ``subprocess.CompletedProcess``."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+         str(Path(__file__).resolve()), str(run_dir), *args],
+        env=env, timeout=180, capture_output=True, text=True,
+    )
+
+
+def assert_ranks_left_cleanly(run_dir: Path, world: int) -> None:
+    """After ``train`` returned, every rank has no process group and no thread but the main one.
+
+    The gloo group's worker threads (``pt_gloo_runloop``, ``gloo_tcp_loop``) alive at interpreter
+    exit are what aborted rank 1 now and then with "terminate called without an active exception".
+    """
+    import json
+
+    for rank in range(world):
+        report = json.loads((run_dir / f"threads_rank{rank}.json").read_text())
+        assert report["group_initialized"] is False, rank
+        assert report["python"] == ["MainThread"], (rank, report)
+        leftover = [n for n in report["native"] if "gloo" in n]
+        assert not leftover, (rank, report["native"])
 
 
 if __name__ == "__main__":

@@ -33,18 +33,14 @@ def test_single_process_has_no_process_group(monkeypatch):
     assert all_reduce_max_flag(ctx, True) is True and all_reduce_max_flag(ctx, False) is False
 
 
-def test_torchrun_two_ranks_match_one_process(stub_script, tmp_path):
+def test_torchrun_two_ranks_match_one_process(stub_script, stubs, tmp_path):
     # Deterministic stub objective (no noise) and SGD: the averaged DDP gradient of 2 ranks x 2
     # samples equals the gradient of one process over the same 4 samples.
     common = ["train.steps=3", "train.batch_size=4", "train.checkpoint_every=3", "optim.warmup_steps=0"]
     one = tmp_path / "one"
     two = tmp_path / "two"
     subprocess.run([sys.executable, str(stub_script), str(one), *common], check=True, env=_env(), timeout=120)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-         str(stub_script), str(two), *common],
-        env=_env(), timeout=180, capture_output=True, text=True,
-    )
+    proc = stubs.run_two_ranks(two, [*common, "--report-threads"], env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = load_checkpoint(one / "checkpoints/step_00000003.pt")
     b = load_checkpoint(two / "checkpoints/step_00000003.pt")
@@ -53,6 +49,7 @@ def test_torchrun_two_ranks_match_one_process(stub_script, tmp_path):
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-5), k
     # Only rank 0 wrote: one metrics file, no stray files from rank 1.
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step_00000003.pt"]
+    stubs.assert_ranks_left_cleanly(two, 2)
 
 
 def test_torchrun_accumulation_and_nan_on_one_rank(stub_script, tmp_path):

@@ -38,3 +38,41 @@ def test_writer_sees_the_suffix(tmp_path):
     seen = []
     atomic_write_with(tmp_path / "m.nii.gz", lambda name: (seen.append(name), open(name, "w").write("x")), suffix=".nii.gz")
     assert seen[0].endswith(".nii.gz") and (tmp_path / "m.nii.gz").read_text() == "x"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_files_respect_the_umask(tmp_path, umask, mode):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        atomic_write_with(tmp_path / "b.nii.gz", lambda name: open(name, "w").write("y"), suffix=".nii.gz")
+        with atomic_open(tmp_path / "c.bin") as fh:
+            fh.write(b"z")
+        with open(tmp_path / "plain.txt", "w") as fh:  # what a plain write gives: the reference
+            fh.write("p")
+    finally:
+        os.umask(old)
+    for name in ("a.txt", "b.nii.gz", "c.bin", "plain.txt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
+def test_os_errors_name_the_target_not_the_temporary_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    target = tmp_path / "ckpt.pt"
+    atomic_write_text(target, "old")
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as info:
+        atomic_write_text(target, "new")
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
