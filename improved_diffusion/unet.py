@@ -94,7 +94,38 @@ def _resample_factor(dims: int, resample_depth: bool) -> int | tuple[int, int, i
     return (1, 2, 2) if dims == 3 and not resample_depth else 2
 
 
-class Upsample(nn.Module):
+class _Resample(nn.Module):
+    """Common arguments and checks of :class:`Upsample` and :class:`Downsample`.
+
+    Raises:
+        ValueError: ``out_channels != channels`` without ``use_conv``.
+    """
+
+    def __init__(
+        self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None, *,
+        resample_depth: bool = False,
+    ) -> None:
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.dims = dims
+        self.factor = _resample_factor(dims, resample_depth)
+        if not use_conv and self.out_channels != channels:
+            raise ValueError(
+                f"{type(self).__name__}: {channels} -> {self.out_channels} channels needs use_conv=True"
+            )
+        self._build()
+
+    def _build(self) -> None:
+        """Create the layers (called at the end of ``__init__``)."""
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.shape[1] != self.channels:
+            raise ValueError(f"{type(self).__name__} expects {self.channels} channels, got {x.shape[1]}")
+
+
+class Upsample(_Resample):
     """Nearest-neighbour 2x upsampling, optionally followed by a 3x3 convolution.
 
     Args:
@@ -110,74 +141,31 @@ class Upsample(nn.Module):
             does not have ``channels`` channels.
     """
 
-    def __init__(
-        self,
-        channels: int,
-        use_conv: bool,
-        dims: int = 2,
-        out_channels: int | None = None,
-        *,
-        resample_depth: bool = False,
-    ) -> None:
-        super().__init__()
-        self.channels = channels
-        self.out_channels = out_channels or channels
-        self.use_conv = use_conv
-        self.dims = dims
-        self.factor = _resample_factor(dims, resample_depth)
-        if use_conv:
-            self.conv = conv_nd(dims, channels, self.out_channels, 3, padding=1)
-        elif self.out_channels != channels:
-            raise ValueError(f"Upsample: {channels} -> {self.out_channels} channels needs use_conv=True")
+    def _build(self) -> None:
+        if self.use_conv:
+            self.conv = conv_nd(self.dims, self.channels, self.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != self.channels:
-            raise ValueError(f"Upsample expects {self.channels} channels, got {x.shape[1]}")
+        self._check(x)
         x = F.interpolate(x, scale_factor=self.factor, mode="nearest")
         return self.conv(x) if self.use_conv else x
 
 
-class Downsample(nn.Module):
-    """2x downsampling: a strided 3x3 convolution or an average pooling.
+class Downsample(_Resample):
+    """2x downsampling: a strided 3x3 convolution (``use_conv``) or an average pooling.
 
-    Args:
-        channels: input channels.
-        use_conv: strided convolution (True) or average pooling (False).
-        dims: 1, 2 or 3. With 3, only the inner two dimensions are downsampled unless
-            ``resample_depth``.
-        out_channels: output channels (default ``channels``); a different width needs ``use_conv``.
-        resample_depth: with ``dims=3``, also downsample the first spatial dimension.
-
-    Raises:
-        ValueError: ``out_channels != channels`` without ``use_conv``; at call time, the input
-            does not have ``channels`` channels.
+    The arguments and errors are those of :class:`Upsample`, with down- for upsampling (with
+    ``dims=3`` the depth is downsampled only with ``resample_depth``).
     """
 
-    def __init__(
-        self,
-        channels: int,
-        use_conv: bool,
-        dims: int = 2,
-        out_channels: int | None = None,
-        *,
-        resample_depth: bool = False,
-    ) -> None:
-        super().__init__()
-        self.channels = channels
-        self.out_channels = out_channels or channels
-        self.use_conv = use_conv
-        self.dims = dims
-        stride = _resample_factor(dims, resample_depth)
-        if use_conv:
-            self.op = conv_nd(dims, channels, self.out_channels, 3, stride=stride, padding=1)
-        elif self.out_channels != channels:
-            raise ValueError(f"Downsample: {channels} -> {self.out_channels} channels needs use_conv=True")
+    def _build(self) -> None:
+        if self.use_conv:
+            self.op = conv_nd(self.dims, self.channels, self.out_channels, 3, stride=self.factor, padding=1)
         else:
-            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+            self.op = avg_pool_nd(self.dims, kernel_size=self.factor, stride=self.factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != self.channels:
-            raise ValueError(f"Downsample expects {self.channels} channels, got {x.shape[1]}")
+        self._check(x)
         return self.op(x)
 
 
