@@ -8,6 +8,7 @@ set) and the V2 anchor head with BCE; the baseline trains BCE + soft Dice on its
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -83,6 +84,7 @@ def test_v2_learns_with_anchor(h):
     assert dice > 0.8
 
 
+@pytest.mark.slow  # ~1-2 CPU minutes; the default run keeps tests/nets/test_blocks.py's FF-Parser size test
 def test_v1_trained_at_32_px_samples_at_64_px(h):
     _, _, dice32, model = _train_diffusion("medsegdiff_v1", h, size=32)
     assert dice32 > 0.8
