@@ -22,7 +22,9 @@ What we changed with respect to upstream:
   uses ``torch._foreach_lerp_``, ``normalization`` accepts a maximum group count;
 * ``unet``: SDPA attention (same head layout), guided-diffusion's fixes for
   ``Downsample(use_conv=False)`` and the output-convolution width, optional depth resampling in
-  3-D, no fp16 helpers (use autocast), no ``SuperResModel``;
+  3-D, options for time-free blocks, GroupNorm groups, ``num_head_channels``, channel-changing
+  resampling and an encoder/decoder split with hooks (listed in its header), no fp16 helpers
+  (use autocast), no ``SuperResModel``;
 * DDIM with ``eta == 0`` draws no random numbers (identical samples, untouched RNG).
 
 Modules: ``nn``, ``losses``, ``gaussian_diffusion``, ``respace``, ``resample``, ``script_util``,

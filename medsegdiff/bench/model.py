@@ -240,4 +240,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name in [m.strip() for m in args.models.split(",") if m.strip()]:
                 cfg = _config(preset, name, args.size, args.channels, args.learn_sigma)
                 out["results"][f"{preset}/{name}"] = _bench_one(cfg, args, device)
+            overhead = v2_overhead(out["results"].get(f"{preset}/medsegdiff_v1"),
+                                   out["results"].get(f"{preset}/medsegdiff_v2"))
+            if overhead:
+                out.setdefault("v2_over_v1", {})[preset] = overhead
     return out
+
+
+def v2_overhead(v1: dict[str, Any] | None, v2: dict[str, Any] | None) -> dict[str, float]:
+    """V2 relative to V1 of the same preset: ratios of parameters, GFLOPs and throughputs.
+
+    Args:
+        v1, v2: the two results of :func:`_bench_one` (None when not benchmarked).
+
+    Returns:
+        ``{"params": r, "gflops_per_sample": r, "gflops_step_cached": r, "<variant>_<forward|train>_time": r}``
+        with ``r = V2 / V1`` (time ratios are inverse throughput ratios); empty when one is missing.
+    """
+    if not v1 or not v2:
+        return {}
+    ratios = {k: round(v2[k] / v1[k], 3) for k in ("params", "gflops_per_sample", "gflops_step_cached")
+              if v1.get(k) and k in v2}
+    for key, entry in v1.items():
+        if isinstance(entry, dict) and isinstance(v2.get(key), dict):
+            for what in ("forward", "train"):
+                a, b = entry.get(f"{what}_samples_per_s"), v2[key].get(f"{what}_samples_per_s")
+                if a and b:
+                    ratios[f"{key}_{what}_time"] = round(a / b, 3)
+    return ratios

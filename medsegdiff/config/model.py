@@ -26,15 +26,33 @@ class ModelConfig:
     norm_groups: int = option(32, ge=1, doc="max GroupNorm groups; reduced to the largest divisor of each width")
     use_scale_shift_norm: bool = option(True, doc="time embedding as GroupNorm scale and shift (else added)")
     use_checkpoint: bool = option(False, doc="activation checkpointing (training memory)")
+    resample_depth: bool = option(
+        True, doc="3-D only: every level halves D, H and W (full 3-D); false = only H and W "
+        "(upstream improved-diffusion's dims=3 rule, for thick slices; D may then be any size)"
+    )
     ff_parser: bool = option(True, doc="V1: FF-Parser (learnable Fourier filter) on the noisy-mask features")
-    # V2 specifics (arXiv 2301.11798)
-    anchor: bool = option(True, doc="V2: anchor condition (segmentation head + uncertain spatial attention)")
-    anchor_channels: int = option(0, ge=0, doc="V2: width of the anchor head; 0 = condition base channels")
-    anchor_detach: bool = option(False, doc="V2: stop diffusion-loss gradients into the anchor head")
-    usa_kernel: int = option(5, ge=1, doc="V2: Gaussian kernel size of the uncertain spatial attention")
-    usa_learnable: bool = option(True, doc="V2: learn the Gaussian width of U-SA (else fixed)")
-    ssformer_depth: int = option(1, ge=0, doc="V2: spectrum-space transformer blocks at the bottleneck")
-    nbp_bands: int = option(4, ge=1, doc="V2: learnable frequency bands of the neural band-pass filter")
+    # V2 specifics (arXiv 2301.11798; see medsegdiff/nets/medsegdiff_v2.py and docs/models.md).
+    # Ablation: anchor only = ssformer_depth 0; SS-Former only = anchor false; both = defaults.
+    anchor: bool = option(
+        True, doc="V2: anchor condition (condition-model decoder + segmentation head, U-SA into the first stage)"
+    )
+    anchor_detach: bool = option(False, doc="V2: stop diffusion-loss gradients into the condition decoder")
+    usa_sigma: float = option(1.0, gt=0.0, doc="V2: initial Gaussian sigma (pixels) of the uncertain spatial attention")
+    usa_truncate: float = option(
+        3.0, gt=0.0, doc="V2: U-SA kernel radius in sigmas (radius = ceil(usa_truncate * sigma), grows with sigma)"
+    )
+    usa_learnable: bool = option(True, doc="V2: learn the Gaussian sigma of U-SA (else fixed)")
+    ssformer_depth: int = option(
+        1, ge=0, doc="V2: SS-Former blocks at the deepest level; 0 = add the image bottleneck instead"
+    )
+    nbp_hidden: int = option(16, ge=1, doc="V2: hidden units of the NBP-Filter (network over frequency pairs and t)")
+    ssformer_pos_freqs: int = option(
+        4, ge=0, doc="V2: octaves of the sinusoidal positions added to SS-Former queries/keys; 0 = none (ablation)"
+    )
+    scale_fusion: bool = option(
+        True, doc="V2: add the image encoder's features at every diffusion-encoder level (not in the paper, "
+        "which conditions only the first and deepest stage)"
+    )
     # discriminative baseline (MONAI DynUNet)
     dynunet_filters: list[int] = option([16, 32, 64, 128], doc="DynUNet filters per level (levels = length)")
     dynunet_res_block: bool = option(False, doc="DynUNet residual blocks (nnU-Net default: plain)")
@@ -56,7 +74,5 @@ class ModelConfig:
                 )
         if self.num_head_channels != -1 and self.num_head_channels < 1:
             raise bad_value(f"{p}num_head_channels", self.num_head_channels, "allowed: -1 or a positive integer")
-        if self.usa_kernel % 2 == 0:
-            raise bad_value(f"{p}usa_kernel", self.usa_kernel, "allowed: an odd integer")
         if len(self.dynunet_filters) < 2 or any(f < 1 for f in self.dynunet_filters):
             raise bad_value(f"{p}dynunet_filters", self.dynunet_filters, "allowed: two or more positive integers")

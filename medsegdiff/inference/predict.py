@@ -348,13 +348,14 @@ class Predictor:
                       batch_size=cfg.inference.batch_size, generator=gen, progress=progress,
                       precision=self.precision, clip_denoised=cfg.diffusion.clip_denoised, desc=case_id)
         if cfg.data.dims == 3:  # sliding 3-D patches, all sampled in one batched call, then stitched
-            from medsegdiff.inference.windows import extract_patches, stitch
+            from medsegdiff.inference.windows import sample_windows
 
             volume = np.asarray(manifest.case(case_id).image, dtype=np.float32)  # (C, Z, H, W)
-            patches, starts, padded = extract_patches(volume, cfg.data.patch_size)
-            probs = sample_probabilities(self.model, self.diffusion, torch.from_numpy(patches).to(self.device),
-                                         **kwargs)  # (M, N, D, h, w)
-            return stitch(probs.float().cpu().numpy(), starts, padded, volume.shape[1:])
+            return sample_windows(
+                lambda p: sample_probabilities(self.model, self.diffusion, torch.from_numpy(p).to(self.device),
+                                               **kwargs).float().cpu().numpy(),
+                volume, cfg.data.patch_size,
+            )
         images = _volume(manifest, case_id, cfg).to(self.device)
         probs = sample_probabilities(self.model, self.diffusion, images, **kwargs)
         return probs.float().cpu().numpy()

@@ -9,7 +9,7 @@ the member probabilities are stitched back by averaging the overlaps.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import product
 
 import numpy as np
@@ -71,4 +71,22 @@ def stitch(
     return out[:, : shape[0], : shape[1], : shape[2]].astype(np.float32)
 
 
-__all__ = ["extract_patches", "stitch", "window_starts"]
+def sample_windows(
+    sample: Callable[[np.ndarray], np.ndarray], volume: np.ndarray, patch: Sequence[int], overlap: float = 0.5
+) -> np.ndarray:
+    """Run ``sample`` over the sliding windows of ``volume`` and stitch its member outputs.
+
+    Args:
+        sample: patches ``(N, C, D, h, w)`` -> member values ``(M, N, D, h, w)`` (one batched call).
+        volume: ``(C, Z, H, W)``.
+        patch: ``(D, h, w)``.
+        overlap: window overlap fraction.
+
+    Returns:
+        ``(M, Z, H, W)`` float32, overlaps averaged.
+    """
+    patches, starts, padded = extract_patches(volume, patch, overlap)
+    return stitch(sample(patches), starts, padded, volume.shape[1:])
+
+
+__all__ = ["extract_patches", "sample_windows", "stitch", "window_starts"]

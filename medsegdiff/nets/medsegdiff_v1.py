@@ -18,6 +18,12 @@ Choices where the paper leaves freedom (all documented, see :class:`DynamicCondi
   size and for 3-D.
 * The official code adds the image bottleneck through a 1x1 convolution *created inside forward*
   (random, never trained); here :attr:`MedSegDiffV1.cond_mid_proj` is registered and trained.
+* Any input size (paper-silent): the FF-Parser weights are sized for ``data.image_size`` /
+  ``data.patch_size`` and resampled in normalised frequency for other sizes
+  (:class:`~medsegdiff.nets.blocks.FFParser`), so a V1 trained at one size samples at any size its
+  levels allow (a multiple of ``2^(levels-1)``).
+* Both UNets are :class:`improved_diffusion.unet.UNetModel` (see :mod:`medsegdiff.nets.unet`); the
+  image encoder is the time-free encoder half of one.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ class DynamicConditionalEncoding(nn.Module):
         channels: width of ``h``.
         cond_channels: width of ``c``.
         dims: 2 or 3.
-        size: spatial size of ``h`` (sizes the FF-Parser).
+        size: reference spatial size of ``h`` (the FF-Parser's reference grid; other sizes work).
         ff_parser: use the FF-Parser (else identity).
         norm_groups: maximum GroupNorm groups.
 
@@ -81,7 +87,6 @@ class MedSegDiffV1(DiffusionUNet):
 
     def __init__(self, spec: NetSpec, *, ff_parser: bool = True) -> None:
         super().__init__(spec)
-        self.size_locked = ff_parser
         self.fusions = nn.ModuleList(
             DynamicConditionalEncoding(
                 spec.width(lv), spec.cond_width(lv), spec.dims, spec.level_size(lv), ff_parser, spec.norm_groups
@@ -94,5 +99,7 @@ class MedSegDiffV1(DiffusionUNet):
     def _fuse(self, level: int, h: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
         return self.fusions[level](h, feats[level])
 
-    def _condition_bottleneck(self, h: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+    def _condition_bottleneck(
+        self, h: torch.Tensor, feats: list[torch.Tensor], emb: torch.Tensor
+    ) -> torch.Tensor:
         return h + self.cond_mid_proj(feats[self.spec.levels])

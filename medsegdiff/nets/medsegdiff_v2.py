@@ -1,36 +1,63 @@
 """MedSegDiff-V2 (Wu et al., "MedSegDiff-V2: Diffusion-Based Medical Image Segmentation with
 Transformer", AAAI 2024, arXiv:2301.11798).
 
-Two conditions on top of the shared diffusion UNet (:mod:`medsegdiff.nets.unet`):
+Two UNets (:mod:`medsegdiff.nets.unet`): a time-free **condition model** on the image (encoder,
+decoder and a segmentation head) and the **diffusion model** on the noisy mask. The condition model
+conditions the diffusion model in two ways (paper sec. "Method", fig. 1):
 
-* **Anchor condition** (paper sec. 3.2): a segmentation head on the image (condition) encoder
-  predicts the lesion (``anchor_logits``, supervised by the trainer); its probability is smoothed
-  by the **uncertain spatial attention** (U-SA) ``U = max(G_sigma * sigmoid(a), sigmoid(a))``
-  (a Gaussian blur, then the element-wise max with the original, as in the paper's equation) and
-  injected into the first stage of the diffusion encoder.
-* **Semantic condition** (sec. 3.3): the spectrum-space transformer (**SS-Former**) aligns the
-  noisy-mask bottleneck features with the image bottleneck features; each block first filters both
-  with a **neural band-pass filter** (NBP-Filter) in frequency space and then cross-attends
-  between the two token sets.
+* **Anchor condition** (sec. "Anchor Condition"). The condition model's last decoded features
+  ``f_c^{-1}`` (multi-channel) feed its segmentation head, whose logits are the anchor prediction
+  (:meth:`MedSegDiffV2.anchor_logits`, supervised by the anchor loss), and the **uncertain spatial
+  attention** (U-SA) fuses them into the first stage ``f_d^0`` of the diffusion encoder::
 
-Choices where the paper leaves details open (configurable in :class:`~medsegdiff.config.model.ModelConfig`):
+      f_anc = Max(f_c^{-1} * k_Gauss(sigma), f_c^{-1})
+      f_d^0' = Sigmoid(conv1x1(f_anc)) . f_d^0 + f_d^0
 
-* Anchor head (sec. 3.2): an FPN-style head over every image-encoder level (1x1 lateral
-  convolutions, nearest up-sampling to full size, sum, GN-SiLU-Conv3-GN-SiLU-Conv1 -> 1 logit),
-  width ``anchor_channels``. The paper uses the condition model's decoder output; ours is cheaper
-  and depends on the image only, so the anchor is computed once per image in ``encode_image``.
-* U-SA (sec. 3.2): the Gaussian width is learnable (``usa_learnable``) with initial
-  ``sigma = (usa_kernel - 1) / 4``; kernel size ``usa_kernel``; separable, zero padded, fp32.
-* Anchor injection (sec. 3.2, "integrated into the first stage"): ``h <- h + W (h * U)`` right
-  after the first convolution of the diffusion encoder (``W`` a 1x1 convolution).
-  ``anchor_detach`` stops the diffusion gradient into the anchor head (the official code detaches).
-* NBP-Filter (sec. 3.3): ``nbp_bands`` soft radial frequency bands (hat functions forming a
-  partition of unity over the normalised radius) with one learnable gain per channel and band
-  (initialised to 1, i.e. identity). Defined for any feature size and for 3-D (``rfftn``, fp32).
-* SS-Former block (sec. 3.3): ``c <- c + XAttn(c, h); c <- c + MLP(c); h <- h + XAttn(h, c);
-  h <- h + MLP(h)`` on NBP-filtered tokens (pre-LayerNorm, SDPA), ``ssformer_depth`` blocks;
-  the image bottleneck is projected to the mask width by a registered 1x1 convolution. With depth 0
-  the projection is added (V1-style).
+* **Semantic condition** (sec. "Semantic Condition"). The **SS-Former** (``ssformer_depth`` blocks
+  at the deepest level) lets the noise embedding ``f_d^{-1}`` and the condition bottleneck ``c^0``
+  interact: each block applies a noise->condition cross-attention, then a condition->noise one,
+  whose query-key affinity is taken in Fourier space, filtered by the **NBP-Filter** (a small
+  network over the frequency coordinates conditioned on the diffusion step) and transformed back.
+
+Choices where the paper is silent (each configurable in :class:`~medsegdiff.config.model.ModelConfig`):
+
+* Condition model (sec. "Method"): a time-free :class:`~improved_diffusion.unet.UNetModel` of the
+  same depth as the diffusion UNet with width ``condition_channels`` and no attention; its head is
+  the core's output head (GroupNorm - SiLU - zero-initialised 3x3 convolution -> 1 logit). It is
+  image-only, so everything it computes is cached once per image (``encode_image``).
+* ``f_d^0`` (sec. "Anchor Condition") is the output of the diffusion UNet's first convolution.
+* U-SA (sec. "Anchor Condition"): one learnable ``sigma`` (``usa_sigma`` initial value,
+  ``usa_learnable``) shared by all channels, a depthwise separable Gaussian over every spatial axis
+  in float32 with replicate padding; the kernel radius is ``ceil(usa_truncate * sigma)`` for the
+  current ``sigma`` (so the support grows with the sigma it learns; capped by the feature size);
+  ``conv1x1`` maps ``condition_channels`` to ``base_channels``. ``anchor_detach`` stops the
+  diffusion gradient into the condition decoder (the anchor is then trained by its own loss only).
+* Image information at every scale (issue "V2 as published": the paper names only the first and
+  the deepest stage, which left the three intermediate scales of our diffusion encoder without
+  spatially aligned image information): with ``scale_fusion`` (default) the condition encoder's
+  features of each level are added to the end of the matching diffusion-encoder level through a
+  1x1 convolution, like V1's fusion without the FF-Parser. ``scale_fusion: false`` is the paper's
+  wiring.
+* SS-Former block (sec. "Semantic Condition", fig. 1b): pre-LayerNorm tokens; the condition
+  bottleneck is first mapped to the noise width by a 1x1 convolution; ``c <- c + XAttn(c <- h)``,
+  ``c <- c + MLP(c)``, ``h <- h + XAttn(h <- c)``, ``h <- h + MLP(h)`` (MLP ratio 4, GELU);
+  the output projections of the attention and MLP residuals are zero-initialised, so each block
+  starts as the identity; heads from ``num_heads`` / ``num_head_channels``. With
+  ``ssformer_depth: 0`` the projected bottleneck is added instead (``h + c``, V1-style).
+* Positions (paper-silent; the issue found the condition to be an unordered set without them):
+  fixed sinusoidal features of the normalised coordinates (``ssformer_pos_freqs`` octaves per
+  axis, defined for any size), mapped by a learned linear layer and added to the query and key
+  inputs (DETR-style); ``0`` disables them (an ablation).
+* Fourier-space affinity (sec. "Semantic Condition"): with ``Q = FFT(q)`` and ``K = FFT(k)`` over
+  the spatial grid (orthonormal), the affinity in Fourier space is ``A^ = Q K^H / sqrt(d)``
+  (per head, ``(N, M)`` frequencies), it is multiplied by the NBP filter ``W(u, w, t)`` and taken
+  back to positions by the inverse transform on both axes; the real part is used (equivalent to
+  filtering with the Hermitian-symmetrised ``W``). With ``W = 1`` this is exactly the spatial
+  affinity ``q k^T / sqrt(d)``. Then softmax over keys and multiplication with ``v``.
+* NBP-Filter (sec. "Semantic Condition", fig. 1c): ``W = 1 + Linear(SiLU(FiLM_t(SiLU(Linear([u, w])))))``
+  on the normalised frequencies ``u`` (query grid) and ``w`` (key grid), ``nbp_hidden`` units,
+  the time embedding of the diffusion UNet as scale/shift of the hidden layer, one gain per head.
+  It is defined for any feature size.
 """
 
 from __future__ import annotations
@@ -42,170 +69,245 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from improved_diffusion.nn import conv_nd, normalization
-from medsegdiff.nets.blocks import _heads_for, fft_spatial, ifft_spatial
+from improved_diffusion.nn import conv_nd, zero_module
 from medsegdiff.nets.unet import DiffusionUNet, NetSpec
 
 __all__ = [
-    "AnchorHead",
-    "CrossAttention",
     "MedSegDiffV2",
     "NBPFilter",
+    "PositionalEncoding",
     "SSFormerBlock",
+    "SpectralCrossAttention",
     "UncertainSpatialAttention",
 ]
 
 
-class AnchorHead(nn.Module):
-    """FPN-style segmentation head over the image-encoder features (V2 anchor, sec. 3.2).
-
-    Shapes: the ``levels + 1`` encoder maps -> logits ``(B, 1, *S)``.
-    """
-
-    def __init__(self, spec: NetSpec, channels: int) -> None:
-        super().__init__()
-        d, g = spec.dims, spec.norm_groups
-        widths = [spec.cond_width(lv) for lv in range(spec.levels)] + [spec.cond_width(spec.levels - 1)]
-        self.factors = [2**lv for lv in range(spec.levels)] + [2 ** (spec.levels - 1)]
-        self.laterals = nn.ModuleList(conv_nd(d, w, channels, 1) for w in widths)
-        self.head = nn.Sequential(
-            normalization(channels, g), nn.SiLU(), conv_nd(d, channels, channels, 3, padding=1),
-            normalization(channels, g), nn.SiLU(), conv_nd(d, channels, 1, 1),
-        )
-
-    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        y = None
-        for f, lat, factor in zip(feats, self.laterals, self.factors):
-            z = lat(f)
-            if factor > 1:
-                z = F.interpolate(z, scale_factor=float(factor), mode="nearest")
-            y = z if y is None else y + z
-        return self.head(y)
-
-
 class UncertainSpatialAttention(nn.Module):
-    """U-SA (V2 sec. 3.2): ``max(GaussianBlur_sigma(p), p)`` for a probability map ``p``.
+    """U-SA (V2 sec. "Anchor Condition"): ``Sigmoid(conv1x1(Max(G_sigma * f, f))) . h + h``.
 
     Args:
+        channels: channels of the anchor features ``f`` (``f_c^{-1}``).
+        out_channels: channels of the diffusion features ``h`` (``f_d^0``).
         dims: 2 or 3.
-        kernel: odd kernel size (1 = no blur).
+        sigma: initial Gaussian standard deviation in pixels.
+        truncate: kernel radius in standard deviations (``radius = ceil(truncate * sigma)``).
         learnable: learn ``log sigma`` (else a fixed buffer).
 
-    Shapes: ``(B, 1, *S) -> (B, 1, *S)`` in float32.
+    Shapes: ``f (B, channels, *S)``, ``h (B, out_channels, *S)`` -> ``(B, out_channels, *S)``.
+
+    Raises:
+        ValueError: ``sigma`` or ``truncate`` is not positive.
     """
 
-    def __init__(self, dims: int, kernel: int = 5, learnable: bool = True) -> None:
+    def __init__(
+        self, channels: int, out_channels: int, dims: int, sigma: float = 1.0, truncate: float = 3.0,
+        learnable: bool = True,
+    ) -> None:
         super().__init__()
-        if kernel < 1 or kernel % 2 == 0:
-            raise ValueError(f"U-SA kernel must be a positive odd integer, got {kernel}")
-        self.dims, self.kernel = dims, kernel
-        log_sigma = torch.tensor(math.log(max(0.5, (kernel - 1) / 4)))
-        if kernel > 1 and learnable:
+        if sigma <= 0 or truncate <= 0:
+            raise ValueError(f"U-SA: sigma ({sigma}) and truncate ({truncate}) must be positive")
+        self.dims, self.truncate = dims, float(truncate)
+        log_sigma = torch.tensor(math.log(sigma))
+        if learnable:
             self.log_sigma = nn.Parameter(log_sigma)
         else:
             self.register_buffer("log_sigma", log_sigma)
+        self.gate = conv_nd(dims, channels, out_channels, 1)
 
-    def gaussian(self) -> torch.Tensor:
-        """The normalised 1-D kernel ``(kernel,)`` for the current sigma."""
-        x = torch.arange(self.kernel, dtype=torch.float32, device=self.log_sigma.device) - self.kernel // 2
-        g = torch.exp(-(x**2) / (2 * torch.exp(self.log_sigma.float()) ** 2))
+    @property
+    def sigma(self) -> torch.Tensor:
+        return self.log_sigma.float().exp()
+
+    def radius(self, limit: int | None = None) -> int:
+        """Kernel radius ``ceil(truncate * sigma)`` (at least 1), at most ``limit``."""
+        r = max(1, math.ceil(self.truncate * float(self.sigma.detach())))
+        return min(r, limit) if limit is not None else r
+
+    def gaussian(self, radius: int | None = None) -> torch.Tensor:
+        """The normalised 1-D kernel ``(2 radius + 1,)`` for the current sigma (differentiable)."""
+        r = self.radius() if radius is None else radius
+        x = torch.arange(-r, r + 1, dtype=torch.float32, device=self.log_sigma.device)
+        g = torch.exp(-(x**2) / (2 * self.sigma**2))
         return g / g.sum()
 
-    def forward(self, p: torch.Tensor) -> torch.Tensor:
-        p = p.float()
-        if self.kernel == 1:
-            return p
-        g = self.gaussian()
+    def smooth(self, f: torch.Tensor) -> torch.Tensor:
+        """``Max(G_sigma * f, f)`` per channel, in float32: the paper's ``f_anc``."""
+        f = f.float()
+        c = f.shape[1]
+        r = self.radius(max(1, max(f.shape[2:]) - 1))
+        g = self.gaussian(r)
         conv = F.conv2d if self.dims == 2 else F.conv3d
-        y = p
+        y = f
         for axis in range(self.dims):
             shape = [1, 1] + [1] * self.dims
-            shape[2 + axis] = self.kernel
-            pad = [0] * self.dims
-            pad[axis] = self.kernel // 2
-            y = conv(y, g.reshape(shape), padding=tuple(pad))
-        return torch.maximum(y, p)
+            shape[2 + axis] = 2 * r + 1
+            kernel = g.reshape(shape).expand(c, *shape[1:])
+            pad = [0, 0] * self.dims  # F.pad order: last axis first
+            pad[2 * (self.dims - 1 - axis)] = pad[2 * (self.dims - 1 - axis) + 1] = r
+            y = conv(F.pad(y, pad, mode="replicate"), kernel, groups=c)
+        return torch.maximum(y, f)
+
+    def forward(self, f: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=f.device.type, enabled=False):
+            f_anc = self.smooth(f)
+        gate = torch.sigmoid(self.gate(f_anc.to(h.dtype)))
+        return gate * h + h
 
 
-def _band_partition(size: Sequence[int], bands: int, device: torch.device) -> torch.Tensor:
-    """Soft radial bands ``(bands, *S[:-1], S[-1]//2+1)`` summing to 1 at every frequency."""
-    axes = [torch.fft.fftfreq(n, device=device) for n in size[:-1]] + [torch.fft.rfftfreq(size[-1], device=device)]
-    grids = torch.meshgrid(*axes, indexing="ij")
-    r = torch.sqrt(sum(gr**2 for gr in grids)) / (0.5 * math.sqrt(len(size)))  # in [0, 1]
-    if bands == 1:
-        return torch.ones(1, *r.shape, device=device)
-    centers = torch.linspace(0, 1, bands, device=device).reshape(-1, *([1] * r.ndim))
-    return torch.clamp(1 - (r[None] - centers).abs() * (bands - 1), min=0.0)
+class PositionalEncoding(nn.Module):
+    """Learned projection of sinusoidal features of normalised grid coordinates.
+
+    Coordinate ``x = (i + 0.5) / n`` per axis (so the encoding is defined for any size);
+    features ``sin(2^k pi x), cos(2^k pi x)`` for ``k < freqs``.
+
+    Shapes: ``size`` -> ``(N, channels)`` with ``N = prod(size)``.
+    """
+
+    def __init__(self, channels: int, dims: int, freqs: int) -> None:
+        super().__init__()
+        self.freqs = freqs
+        self.proj = nn.Linear(2 * freqs * dims, channels)
+
+    def forward(self, size: Sequence[int], device: torch.device) -> torch.Tensor:
+        axes = [(torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n for n in size]
+        coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(size))
+        angles = coords[..., None] * (math.pi * 2.0 ** torch.arange(self.freqs, device=device))
+        feats = torch.cat([angles.sin(), angles.cos()], dim=-1).reshape(coords.shape[0], -1)
+        return self.proj(feats.to(self.proj.weight.dtype))
+
+
+def _frequencies(size: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Normalised FFT frequencies of every grid point ``(N, dims)`` in ``fftn`` order."""
+    axes = [torch.fft.fftfreq(n, device=device) for n in size]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(size))
 
 
 class NBPFilter(nn.Module):
-    """Neural band-pass filter (V2 sec. 3.3): learnable per-channel gain of each frequency band.
+    """Neural band-pass filter (V2 sec. "Semantic Condition"): ``W(u, w, t)`` per head.
 
-    ``y = irfftn(rfftn(x) * sum_b g[c, b] * P_b(|f|))`` in float32; ``g`` starts at 1 (identity).
-    Works for any spatial size (the bands are computed from the input size).
+    ``W = 1 + out(SiLU(z * (1 + scale_t) + shift_t))`` with ``z = SiLU(coord([u, w]))`` over every
+    pair of normalised frequencies ``u`` (query grid) and ``w`` (key grid), and
+    ``(scale_t, shift_t) = time(SiLU(emb))`` from the diffusion time embedding.
 
-    Shapes: ``(B, C, *S) -> (B, C, *S)``.
+    Args:
+        dims: spatial dimensions of the token grid.
+        heads: attention heads (one gain each).
+        emb_channels: width of the time embedding.
+        hidden: hidden units.
+
+    Shapes: ``size``, ``emb (B, emb_channels)`` -> ``(B, heads, N, N)`` with ``N = prod(size)``.
     """
 
-    def __init__(self, channels: int, bands: int) -> None:
+    def __init__(self, dims: int, heads: int, emb_channels: int, hidden: int) -> None:
         super().__init__()
-        self.bands = bands
-        self.gain = nn.Parameter(torch.ones(channels, bands))
+        self.coord = nn.Linear(2 * dims, hidden)
+        self.time = nn.Linear(emb_channels, 2 * hidden)
+        self.out = nn.Linear(hidden, heads)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = tuple(x.shape[2:])
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            parts = _band_partition(size, self.bands, x.device)
-            mask = torch.einsum("cb,b...->c...", self.gain.float(), parts)
-            xf = torch.view_as_real(fft_spatial(x)) * mask[None, ..., None]
-            y = ifft_spatial(torch.view_as_complex(xf), size)
-        return y.to(x.dtype)
+    def forward(self, size: Sequence[int], emb: torch.Tensor) -> torch.Tensor:
+        f = _frequencies(size, emb.device)
+        n = f.shape[0]
+        pairs = torch.cat([f[:, None].expand(n, n, -1), f[None].expand(n, n, -1)], dim=-1)
+        z = F.silu(self.coord(pairs))  # (N, N, hidden), the same for the whole batch
+        scale, shift = self.time(F.silu(emb.float())).chunk(2, dim=-1)
+        z = F.silu(z[None] * (1 + scale[:, None, None]) + shift[:, None, None])
+        return (1 + self.out(z)).permute(0, 3, 1, 2)
 
 
-class CrossAttention(nn.Module):
-    """Multi-head cross-attention on tokens with SDPA: ``(B, N, C), (B, M, C) -> (B, N, C)``."""
+class SpectralCrossAttention(nn.Module):
+    """Cross-attention whose query-key affinity is filtered in Fourier space by the NBP-Filter.
 
-    def __init__(self, channels: int, heads: int) -> None:
+    ``A = Re(F^H (W . (FFT(q) FFT(k)^H)) F) / sqrt(d)``, ``out = proj(softmax(A) v)``; queries
+    come from ``x``, keys and values from ``ctx``; both live on the same grid ``size``. ``pos`` is
+    added to the query and key inputs. ``proj`` is zero-initialised.
+
+    Shapes: ``x, ctx (B, N, C)``, ``pos (N, C)``, ``emb (B, E)`` -> ``(B, N, C)``.
+    """
+
+    def __init__(self, channels: int, heads: int, dims: int, emb_channels: int, nbp_hidden: int) -> None:
         super().__init__()
         self.heads = heads
         self.q = nn.Linear(channels, channels)
-        self.kv = nn.Linear(channels, 2 * channels)
-        self.proj = nn.Linear(channels, channels)
+        self.k = nn.Linear(channels, channels)
+        self.v = nn.Linear(channels, channels)
+        self.nbp = NBPFilter(dims, heads, emb_channels, nbp_hidden)
+        self.proj = zero_module(nn.Linear(channels, channels))
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def affinity(q: torch.Tensor, k: torch.Tensor, size: Sequence[int], w: torch.Tensor | None) -> torch.Tensor:
+        """Affinity ``(B, heads, N, N)`` of ``q, k (B, heads, N, d)`` filtered by ``w`` in Fourier space.
+
+        ``w (B, heads, N, N)`` multiplies ``FFT(q) FFT(k)^H`` (frequencies of the grid ``size`` in
+        ``fftn`` order); ``None`` is the identity filter, giving ``q k^T / sqrt(d)``.
+        """
+        b, h, n, d = q.shape
+        dims = len(size)
+        grid = (b, h, *size, d)
+        axes = tuple(range(2, 2 + dims))
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            qf = torch.fft.fftn(q.float().reshape(grid), dim=axes, norm="ortho").reshape(b, h, n, d)
+            kf = torch.fft.fftn(k.float().reshape(grid), dim=axes, norm="ortho").reshape(b, h, n, d)
+            a = qf @ kf.conj().transpose(-1, -2)
+            if w is not None:
+                a = a * w.float()
+            a = a.reshape(b, h, *size, *size)
+            a = torch.fft.ifftn(a, dim=axes, norm="ortho")  # query frequencies -> positions
+            a = torch.fft.fftn(a, dim=tuple(range(2 + dims, 2 + 2 * dims)), norm="ortho")  # keys
+            return a.real.reshape(b, h, n, n) / math.sqrt(d)
+
+    def forward(
+        self, x: torch.Tensor, ctx: torch.Tensor, pos: torch.Tensor | None, size: Sequence[int], emb: torch.Tensor
+    ) -> torch.Tensor:
         b, n, c = x.shape
-        h, d = self.heads, c // self.heads
-        q = self.q(x).reshape(b, n, h, d).transpose(1, 2)
-        k, v = self.kv(ctx).reshape(b, -1, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
-        return self.proj(o)
+        xq, xk = (x, ctx) if pos is None else (x + pos, ctx + pos)
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(b, -1, self.heads, c // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.q(xq)), split(self.k(xk)), split(self.v(ctx))
+        attn = torch.softmax(self.affinity(q, k, size, self.nbp(size, emb)), dim=-1).to(v.dtype)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+def _mlp(channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(), zero_module(nn.Linear(4 * channels, channels)))
 
 
 class SSFormerBlock(nn.Module):
-    """One SS-Former block (V2 sec. 3.3) on mask features ``h`` and image features ``c``.
+    """One SS-Former block (V2 sec. "Semantic Condition"): noise->condition, then condition->noise.
 
-    Shapes: ``h, c (B, C, *S)`` -> updated ``(h, c)``.
+    Args:
+        channels: width of both token sets.
+        heads: attention heads.
+        dims: spatial dimensions.
+        emb_channels: time-embedding width (for the NBP-Filter).
+        nbp_hidden: hidden units of the NBP-Filter.
+        pos_freqs: octaves of the positional encoding (0 = none).
+
+    Shapes: ``h, c (B, C, *S)``, ``emb (B, E)`` -> updated ``(h, c)``.
     """
 
-    def __init__(self, channels: int, heads: int, bands: int) -> None:
+    def __init__(
+        self, channels: int, heads: int, dims: int, emb_channels: int, nbp_hidden: int, pos_freqs: int
+    ) -> None:
         super().__init__()
-        self.nbp_h = NBPFilter(channels, bands)
-        self.nbp_c = NBPFilter(channels, bands)
+        self.pos = PositionalEncoding(channels, dims, pos_freqs) if pos_freqs > 0 else None
         self.norm_c1, self.norm_h1 = nn.LayerNorm(channels), nn.LayerNorm(channels)
         self.norm_c2, self.norm_h2 = nn.LayerNorm(channels), nn.LayerNorm(channels)
         self.norm_c3, self.norm_h3 = nn.LayerNorm(channels), nn.LayerNorm(channels)
-        self.attn_c = CrossAttention(channels, heads)
-        self.attn_h = CrossAttention(channels, heads)
-        self.mlp_c = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(), nn.Linear(4 * channels, channels))
-        self.mlp_h = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(), nn.Linear(4 * channels, channels))
+        self.attn_c = SpectralCrossAttention(channels, heads, dims, emb_channels, nbp_hidden)
+        self.attn_h = SpectralCrossAttention(channels, heads, dims, emb_channels, nbp_hidden)
+        self.mlp_c = _mlp(channels)
+        self.mlp_h = _mlp(channels)
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = h.shape
-        ht = self.nbp_h(h).flatten(2).transpose(1, 2)
-        ct = self.nbp_c(c).flatten(2).transpose(1, 2)
-        ct = ct + self.attn_c(self.norm_c1(ct), self.norm_h1(ht))
+    def forward(self, h: torch.Tensor, c: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape, size = h.shape, tuple(h.shape[2:])
+        pos = self.pos(size, h.device).to(h.dtype) if self.pos is not None else None
+        ht = h.flatten(2).transpose(1, 2)
+        ct = c.flatten(2).transpose(1, 2)
+        ct = ct + self.attn_c(self.norm_c1(ct), self.norm_h1(ht), pos, size, emb)  # noise -> condition
         ct = ct + self.mlp_c(self.norm_c2(ct))
-        ht = ht + self.attn_h(self.norm_h2(ht), self.norm_c3(ct))
+        ht = ht + self.attn_h(self.norm_h2(ht), self.norm_c3(ct), pos, size, emb)  # condition -> noise
         ht = ht + self.mlp_h(self.norm_h3(ht))
         return ht.transpose(1, 2).reshape(shape), ct.transpose(1, 2).reshape(shape)
 
@@ -213,19 +315,25 @@ class SSFormerBlock(nn.Module):
 class MedSegDiffV2(DiffusionUNet):
     """MedSegDiff-V2 conditional UNet (see the module docstring).
 
-    ``encode_image`` returns the image-encoder maps followed, with the anchor enabled, by the anchor
-    logits; ``anchor_logits(feats)`` returns those logits ``(B, 1, *S)``;
-    ``forward(..., return_anchor=True) -> (out, anchor_logits)``.
+    ``encode_image`` returns the condition encoder's level features and bottleneck, then, with the
+    anchor, ``f_c^{-1}`` and the anchor logits; ``anchor_logits(feats)`` returns those logits
+    ``(B, 1, *S)``; ``forward(..., return_anchor=True) -> (out, anchor_logits)``.
+
+    Ablation switches: ``anchor`` (anchor condition + U-SA) and ``ssformer_depth`` (0 = no
+    SS-Former, the bottleneck is added): anchor only = ``anchor=True, ssformer_depth=0``;
+    SS-Former only = ``anchor=False``; both = the defaults.
 
     Args:
         spec: geometry and widths.
-        anchor: anchor condition with U-SA (False: ablation, ``anchor_logits`` is None).
-        anchor_channels: anchor-head width (0 = ``spec.condition_channels``).
-        anchor_detach: stop the diffusion gradient into the anchor head.
-        usa_kernel: U-SA Gaussian kernel size (odd).
-        usa_learnable: learn the U-SA Gaussian width.
+        anchor: anchor condition with U-SA (False: ``anchor_logits`` is None, no condition decoder).
+        anchor_detach: stop the diffusion gradient into the condition decoder.
+        usa_sigma: initial U-SA Gaussian sigma (pixels).
+        usa_truncate: U-SA kernel radius in sigmas.
+        usa_learnable: learn the U-SA sigma.
         ssformer_depth: SS-Former blocks (0: the image bottleneck is added instead).
-        nbp_bands: NBP-Filter bands.
+        nbp_hidden: hidden units of the NBP-Filter.
+        pos_freqs: positional-encoding octaves in the SS-Former (0 = none).
+        scale_fusion: add the condition encoder's features at every diffusion-encoder level.
 
     Raises:
         ConfigError: an impossible geometry or head layout.
@@ -236,37 +344,45 @@ class MedSegDiffV2(DiffusionUNet):
         spec: NetSpec,
         *,
         anchor: bool = True,
-        anchor_channels: int = 0,
         anchor_detach: bool = False,
-        usa_kernel: int = 5,
+        usa_sigma: float = 1.0,
+        usa_truncate: float = 3.0,
         usa_learnable: bool = True,
         ssformer_depth: int = 1,
-        nbp_bands: int = 4,
+        nbp_hidden: int = 16,
+        pos_freqs: int = 4,
+        scale_fusion: bool = True,
     ) -> None:
-        super().__init__(spec)
+        super().__init__(spec, condition_decoder=anchor)
         d = spec.dims
         self.use_anchor = anchor
         self.anchor_detach = anchor_detach
         if anchor:
-            self.anchor_head = AnchorHead(spec, anchor_channels or spec.condition_channels)
-            self.usa = UncertainSpatialAttention(d, usa_kernel, usa_learnable)
-            self.anchor_gate = conv_nd(d, spec.base_channels, spec.base_channels, 1)
+            self.usa = UncertainSpatialAttention(
+                self.condition.decoder_channels, spec.base_channels, d, usa_sigma, usa_truncate, usa_learnable
+            )
+        self.scale_fusions = (
+            nn.ModuleList(conv_nd(d, spec.cond_width(lv), spec.width(lv), 1) for lv in range(spec.levels))
+            if scale_fusion else None
+        )
         last = spec.levels - 1
         width = spec.width(last)
         self.cond_mid_proj = conv_nd(d, spec.cond_width(last), width, 1)
-        heads = _heads_for(width, spec.num_heads, spec.num_head_channels)
-        self.ssformer = nn.ModuleList(SSFormerBlock(width, heads, nbp_bands) for _ in range(ssformer_depth))
+        heads = spec.heads(width)
+        emb_ch = 4 * spec.base_channels
+        self.ssformer = nn.ModuleList(
+            SSFormerBlock(width, heads, d, emb_ch, nbp_hidden, pos_freqs) for _ in range(ssformer_depth)
+        )
 
     @property
     def num_image_features(self) -> int:
-        return self.spec.levels + 1 + (1 if self.use_anchor else 0)
+        return self.spec.levels + 1 + (2 if self.use_anchor else 0)
 
-    def encode_image(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """Image-encoder maps (``levels + 1``) and, with the anchor, its logits ``(B, 1, *S)``."""
-        feats = super().encode_image(image)
-        if self.use_anchor:
-            feats.append(self.anchor_head(feats))
-        return feats
+    def _decode_condition(self, mid: torch.Tensor, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.use_anchor:
+            return []
+        f_last = self.condition.decode(mid, hs, None)  # f_c^{-1}
+        return [f_last, self.condition.out(f_last)]
 
     def anchor_logits(self, image_features: Sequence[torch.Tensor]) -> torch.Tensor | None:
         return image_features[-1] if self.use_anchor else None
@@ -274,14 +390,20 @@ class MedSegDiffV2(DiffusionUNet):
     def _inject_input(self, h: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
         if not self.use_anchor:
             return h
-        logits = feats[-1].detach() if self.anchor_detach else feats[-1]
-        u = self.usa(torch.sigmoid(logits.float())).to(h.dtype)
-        return h + self.anchor_gate(h * u)
+        f_last = feats[-2].detach() if self.anchor_detach else feats[-2]
+        return self.usa(f_last, h)
 
-    def _condition_bottleneck(self, h: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+    def _fuse(self, level: int, h: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        if self.scale_fusions is None:
+            return h
+        return h + self.scale_fusions[level](feats[level])
+
+    def _condition_bottleneck(
+        self, h: torch.Tensor, feats: list[torch.Tensor], emb: torch.Tensor
+    ) -> torch.Tensor:
         c = self.cond_mid_proj(feats[self.spec.levels])
         if not self.ssformer:
             return h + c
         for blk in self.ssformer:
-            h, c = blk(h, c)
+            h, c = blk(h, c, emb)
         return h

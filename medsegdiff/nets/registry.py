@@ -61,12 +61,14 @@ def _build_v2(cfg) -> nn.Module:
     return MedSegDiffV2(
         _spec(cfg),
         anchor=m.anchor,
-        anchor_channels=m.anchor_channels,
         anchor_detach=m.anchor_detach,
-        usa_kernel=m.usa_kernel,
+        usa_sigma=m.usa_sigma,
+        usa_truncate=m.usa_truncate,
         usa_learnable=m.usa_learnable,
         ssformer_depth=m.ssformer_depth,
-        nbp_bands=m.nbp_bands,
+        nbp_hidden=m.nbp_hidden,
+        pos_freqs=m.ssformer_pos_freqs,
+        scale_fusion=m.scale_fusion,
     )
 
 

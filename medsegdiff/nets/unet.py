@@ -1,21 +1,26 @@
-"""The conditional diffusion UNet shared by MedSegDiff-V1 and -V2.
+"""The conditional diffusion UNet shared by MedSegDiff-V1 and -V2, built on the core's UNet.
 
-Structure (one code path for 2-D and 3-D):
+Structure (one code path for 2-D and 3-D), both halves :class:`improved_diffusion.unet.UNetModel`:
 
-* an **image (condition) encoder** (:class:`ConditionEncoder`): time-free residual levels, so its
-  output depends on the image only and is computed once per image (:meth:`DiffusionUNet.encode_image`)
-  and reused at every sampling step (``forward(..., image_features=feats)``);
-* a **noisy-mask encoder**: ADM levels (residual blocks with the time embedding, optional attention,
-  stride-2 down-sampling) with hooks where V1/V2 inject the condition;
-* a **bottleneck** (hook, then ResBlock - attention - ResBlock) and an ADM **decoder** with skip
-  connections; the output is ``out_channels`` (1 = epsilon or x0, 2 = with learned variance).
+* an **image (condition) model** ``self.condition``: a *time-free* UNet
+  (``timestep_conditioned=False``), so its output depends on the image only and is computed once
+  per image (:meth:`DiffusionUNet.encode_image`) and reused at every sampling step
+  (``forward(..., image_features=feats)``). V1 uses its encoder (``encoder_only``), V2 also its
+  decoder (the anchor, V2 sec. 3.2). No attention (as the official highway encoder);
+* the **noisy-mask UNet** ``self.unet``: the ADM UNet (residual blocks with the time embedding,
+  attention at ``attention_resolutions``, strided-convolution down-sampling, nearest + convolution
+  up-sampling), run through ``UNetModel.encode`` / ``decode`` with hooks where V1/V2 inject the
+  condition: after the first convolution (``_inject_input``), at the end of each encoder level
+  (``_fuse``) and before the middle block (``_condition_bottleneck``).
 
-Subclasses implement ``_inject_input`` (after the first convolution), ``_fuse`` (end of each encoder
-level), ``_condition_bottleneck`` and may extend ``encode_image``.
+3-D resampling rule (one behaviour, ``model.resample_depth``): by default every level halves
+``D, H, W`` (full 3-D: ISLES24 patches are near-isotropic after preprocessing); with
+``resample_depth: false`` only ``H, W`` are halved (upstream improved-diffusion's ``dims=3``
+behaviour) and the depth may be any size. Both UNets and the size checks follow the same flag.
 
-Every layer is registered in ``__init__``; :class:`NetSpec` checks sizes and channel counts when the
-model is built and :meth:`DiffusionUNet._check_inputs` again on every forward, with messages that
-say what is wrong and what is allowed.
+:class:`NetSpec` checks sizes and channel counts when the model is built and
+:meth:`DiffusionUNet._check_tensor` again on every forward, with messages that say what is wrong
+and what is allowed.
 """
 
 from __future__ import annotations
@@ -26,19 +31,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from improved_diffusion.nn import conv_nd, normalization, timestep_embedding, zero_module
+from improved_diffusion.unet import UNetModel, attention_heads
 from medsegdiff.errors import ConfigError
-from medsegdiff.nets.blocks import (
-    AttentionBlock,
-    Downsample,
-    ResBlock,
-    TimestepSequential,
-    Upsample,
-    _heads_for,
-    check_spatial_size,
-)
+from medsegdiff.nets.blocks import check_spatial_size
 
-__all__ = ["ConditionEncoder", "DiffusionUNet", "NetSpec"]
+__all__ = ["DiffusionUNet", "NetSpec"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +47,8 @@ class NetSpec:
         size: spatial size the model is built for, ``(H, W)`` or ``(D, H, W)``.
         in_channels: image channels ``C_in = modalities x (1 + 2 x context_slices)``.
         out_channels: 1 (epsilon or x0) or 2 (with learned variance).
-        mask_channels: channels of the noisy mask ``x_t`` (1).
+        mask_channels: channels of the network's mask input: 1 (``x_t``), 2 with self-conditioning
+            (``cat([x_t, x0_prev])``).
         base_channels: width of level 0 of the noisy-mask UNet.
         condition_channels: width of level 0 of the image encoder.
         channel_mult: width multiplier per level; ``len - 1`` down-samplings by 2.
@@ -62,6 +60,8 @@ class NetSpec:
         norm_groups: maximum GroupNorm groups.
         use_scale_shift_norm: time embedding as GroupNorm scale/shift.
         use_checkpoint: activation checkpointing.
+        resample_depth: 3-D only: every level halves the depth too (full 3-D, our default); False
+            halves only ``H, W`` (upstream improved-diffusion's ``dims=3`` rule, for thick slices).
         name: model name used in messages.
     """
 
@@ -82,6 +82,7 @@ class NetSpec:
     norm_groups: int = 32
     use_scale_shift_norm: bool = True
     use_checkpoint: bool = False
+    resample_depth: bool = True
     name: str = "model"
 
     def __post_init__(self) -> None:
@@ -92,7 +93,8 @@ class NetSpec:
 
     @classmethod
     def from_config(
-        cls, model_cfg, *, in_channels: int, size: Sequence[int], dims: int, out_channels: int
+        cls, model_cfg, *, in_channels: int, size: Sequence[int], dims: int, out_channels: int,
+        mask_channels: int = 1,
     ) -> NetSpec:
         """Spec from a :class:`~medsegdiff.config.model.ModelConfig` and the data geometry."""
         return cls(
@@ -100,6 +102,7 @@ class NetSpec:
             size=tuple(size),
             in_channels=in_channels,
             out_channels=out_channels,
+            mask_channels=mask_channels,
             base_channels=model_cfg.base_channels,
             condition_channels=model_cfg.condition_channels or model_cfg.base_channels,
             channel_mult=tuple(model_cfg.channel_mult),
@@ -112,6 +115,7 @@ class NetSpec:
             norm_groups=model_cfg.norm_groups,
             use_scale_shift_norm=model_cfg.use_scale_shift_norm,
             use_checkpoint=model_cfg.use_checkpoint,
+            resample_depth=model_cfg.resample_depth,
             name=model_cfg.name,
         )
 
@@ -127,8 +131,10 @@ class NetSpec:
         return self.condition_channels * self.channel_mult[level]
 
     def level_size(self, level: int, size: Sequence[int] | None = None) -> tuple[int, ...]:
+        size = tuple(size or self.size)
         f = 2**level
-        return tuple(s // f for s in (size or self.size))
+        keep_depth = self.dims == 3 and not self.resample_depth
+        return tuple(s if keep_depth and axis == 0 else s // f for axis, s in enumerate(size))
 
     def has_attention(self, level: int) -> bool:
         return 2**level in self.attention_factors
@@ -150,7 +156,7 @@ class NetSpec:
             raise ConfigError(f"{n}: mask_channels {self.mask_channels}; need >= 1")
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ConfigError(f"config key 'model.channel_mult': got {list(self.channel_mult)}; allowed: positive integers")
-        check_spatial_size(self.size, self.levels, f"{n}", self.channel_mult)
+        check_spatial_size(self.size, self.levels, f"{n}", self.channel_mult, self.resample_depth)
         allowed = [2**k for k in range(self.levels)]
         for f in self.attention_factors:
             if f not in allowed:
@@ -162,114 +168,64 @@ class NetSpec:
         if self.mid_attention:
             widths.append(self.width(self.levels - 1))
         for w in widths:
-            _heads_for(w, self.num_heads, self.num_head_channels)
+            self.heads(w)
 
+    def heads(self, width: int) -> int:
+        """Attention heads for ``width`` (:func:`improved_diffusion.unet.attention_heads`).
 
-class ConditionEncoder(nn.Module):
-    """Time-free image encoder (MedSegDiff's condition encoder).
+        Raises:
+            ConfigError: the head layout does not divide ``width``, naming the config key.
+        """
+        try:
+            return attention_heads(width, self.num_heads, self.num_head_channels)
+        except ValueError:
+            key, value = (
+                ("num_head_channels", self.num_head_channels) if self.num_head_channels != -1
+                else ("num_heads", self.num_heads)
+            )
+            raise ConfigError(
+                f"model.{key}: {value} does not divide the attention width {width}; use a divisor of {width}"
+                + (" or -1 (then num_heads is used)" if key == "num_head_channels" else "")
+            ) from None
 
-    Shapes: ``image (B, C_in, *S)`` -> list of ``levels + 1`` maps: level ``l`` features
-    ``(B, cond_width(l), *S / 2^l)`` (before its down-sampling) and the bottleneck
-    ``(B, cond_width(L-1), *S / 2^(L-1))``.
-    """
-
-    def __init__(self, spec: NetSpec) -> None:
-        super().__init__()
-        d, g = spec.dims, spec.norm_groups
-        self.inp = conv_nd(d, spec.in_channels, spec.condition_channels, 3, padding=1)
-        ch = spec.condition_channels
-        self.levels = nn.ModuleList()
-        self.downs = nn.ModuleList()
-        for lv in range(spec.levels):
-            blocks = []
-            for _ in range(spec.num_res_blocks):
-                blocks.append(
-                    ResBlock(ch, None, spec.dropout, spec.cond_width(lv), dims=d, norm_groups=g,
-                             use_checkpoint=spec.use_checkpoint)
-                )
-                ch = spec.cond_width(lv)
-            self.levels.append(nn.Sequential(*blocks))
-            if lv < spec.levels - 1:
-                self.downs.append(Downsample(ch, d))
-        self.mid = ResBlock(ch, None, spec.dropout, dims=d, norm_groups=g, use_checkpoint=spec.use_checkpoint)
-
-    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
-        h = self.inp(image)
-        feats = []
-        for lv, level in enumerate(self.levels):
-            h = level(h)
-            feats.append(h)
-            if lv < len(self.downs):
-                h = self.downs[lv](h)
-        feats.append(self.mid(h))
-        return feats
+    def unet_kwargs(self) -> dict:
+        """The :class:`~improved_diffusion.unet.UNetModel` arguments both UNets share."""
+        return dict(
+            num_res_blocks=self.num_res_blocks, dropout=self.dropout, channel_mult=self.channel_mult,
+            conv_resample=True, dims=self.dims, use_checkpoint=self.use_checkpoint, num_heads=self.num_heads,
+            num_head_channels=self.num_head_channels, resample_depth=self.resample_depth,
+            norm_groups=self.norm_groups,
+        )
 
 
 class DiffusionUNet(nn.Module):
     """Base class of the conditional diffusion UNets (see the module docstring).
 
     Model contract (ARCHITECTURE.md): :meth:`encode_image`, :meth:`forward`,
-    :meth:`anchor_logits`, ``is_diffusion = True``.
+    :meth:`anchor_logits`, ``is_diffusion = True``, ``self_condition`` (False unless the registry
+    builds the model for self-conditioning, with ``spec.mask_channels = 2``).
+
+    Args:
+        spec: geometry and widths.
+        condition_decoder: build the image model's decoder and segmentation head (V2's anchor).
     """
 
     is_diffusion = True
-    #: True when a layer is sized for ``spec.size`` (FF-Parser); other multiples are then refused.
-    size_locked = False
+    self_condition = False
 
-    def __init__(self, spec: NetSpec) -> None:
+    def __init__(self, spec: NetSpec, *, condition_decoder: bool = False) -> None:
         super().__init__()
         self.spec = spec
-        d, g, n = spec.dims, spec.norm_groups, spec.num_res_blocks
-        ch0 = spec.base_channels
-        emb_ch = 4 * ch0
         self.in_channels = spec.in_channels
         self.out_channels = spec.out_channels
-        self.time_embed = nn.Sequential(nn.Linear(ch0, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
-        self.condition_encoder = ConditionEncoder(spec)
-
-        def res(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, emb_ch, spec.dropout, cout, dims=d, use_scale_shift_norm=spec.use_scale_shift_norm,
-                            norm_groups=g, use_checkpoint=spec.use_checkpoint)
-
-        def attn(c: int) -> AttentionBlock:
-            return AttentionBlock(c, num_heads=spec.num_heads, num_head_channels=spec.num_head_channels,
-                                  norm_groups=g, use_checkpoint=spec.use_checkpoint)
-
-        self.input_conv = conv_nd(d, spec.mask_channels, ch0, 3, padding=1)
-        skip_chs = [ch0]
-        ch = ch0
-        self.enc_levels = nn.ModuleList()
-        self.enc_downs = nn.ModuleList()
-        for lv in range(spec.levels):
-            blocks = nn.ModuleList()
-            for _ in range(n):
-                layers: list[nn.Module] = [res(ch, spec.width(lv))]
-                ch = spec.width(lv)
-                if spec.has_attention(lv):
-                    layers.append(attn(ch))
-                blocks.append(TimestepSequential(*layers))
-                skip_chs.append(ch)
-            self.enc_levels.append(blocks)
-            if lv < spec.levels - 1:
-                self.enc_downs.append(Downsample(ch, d))
-                skip_chs.append(ch)
-        mid: list[nn.Module] = [res(ch, ch)]
-        if spec.mid_attention:
-            mid.append(attn(ch))
-        mid.append(res(ch, ch))
-        self.mid = TimestepSequential(*mid)
-        self.dec_blocks = nn.ModuleList()
-        for lv in reversed(range(spec.levels)):
-            for i in range(n + 1):
-                layers = [res(ch + skip_chs.pop(), spec.width(lv))]
-                ch = spec.width(lv)
-                if spec.has_attention(lv):
-                    layers.append(attn(ch))
-                if lv > 0 and i == n:
-                    layers.append(Upsample(ch, d))
-                self.dec_blocks.append(TimestepSequential(*layers))
-        self.out = nn.Sequential(
-            normalization(ch, g), nn.SiLU(), zero_module(conv_nd(d, ch, spec.out_channels, 3, padding=1))
+        self.unet = UNetModel(
+            spec.mask_channels, spec.base_channels, spec.out_channels,
+            attention_resolutions=spec.attention_factors, use_scale_shift_norm=spec.use_scale_shift_norm,
+            mid_attention=spec.mid_attention, **spec.unet_kwargs(),
+        )
+        self.condition = UNetModel(
+            spec.in_channels, spec.condition_channels, 1, attention_resolutions=(), mid_attention=False,
+            timestep_conditioned=False, encoder_only=not condition_decoder, **spec.unet_kwargs(),
         )
 
     # -- hooks for V1 / V2 --------------------------------------------------------------------------
@@ -279,8 +235,14 @@ class DiffusionUNet(nn.Module):
     def _fuse(self, level: int, h: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
         return h
 
-    def _condition_bottleneck(self, h: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+    def _condition_bottleneck(
+        self, h: torch.Tensor, feats: list[torch.Tensor], emb: torch.Tensor
+    ) -> torch.Tensor:
         raise NotImplementedError
+
+    def _decode_condition(self, mid: torch.Tensor, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Extra image features from the condition decoder (V2); none by default."""
+        return []
 
     @property
     def num_image_features(self) -> int:
@@ -295,14 +257,18 @@ class DiffusionUNet(nn.Module):
             image: ``(B, C_in, *S)``.
 
         Returns:
-            A flat list of tensors with the batch first; pass it as ``image_features``.
+            A flat list of tensors with the batch first; pass it as ``image_features``. The first
+            ``levels`` entries are the image encoder's features at the end of each level
+            ``(B, cond_width(l), *S_l)``, then its bottleneck; subclasses append more.
 
         Raises:
             ConfigError: wrong rank, channel count or spatial size.
         """
         self._check_tensor(image, self.spec.in_channels, "image",
                            "data.in_channels = modalities x (1 + 2 x context_slices)")
-        return self.condition_encoder(image)
+        h, hs = self.condition.encode(image, None)
+        mid = self.condition.middle_block(h)
+        return [hs[i] for i in self.condition.level_ends] + [mid] + self._decode_condition(mid, hs)
 
     def anchor_logits(self, image_features: Sequence[torch.Tensor]) -> torch.Tensor | None:
         """The anchor prediction ``(B, 1, *S)`` (logits) of V2; ``None`` for models without one."""
@@ -319,7 +285,8 @@ class DiffusionUNet(nn.Module):
         """Predict epsilon (or x0) and optionally the learned variance for the noisy mask.
 
         Args:
-            x_t: noisy mask ``(B, 1, *S)`` in the diffusion's scale ([-1, 1] at t = 0).
+            x_t: noisy mask ``(B, mask_channels, *S)`` in the diffusion's scale ([-1, 1] at t = 0);
+                with self-conditioning ``cat([x_t, x0_prev], 1)``.
             timesteps: ``(B,)`` original-scale timesteps.
             image: ``(B, C_in, *S)``; or
             image_features: the (possibly :func:`~medsegdiff.nets.blocks.repeat_features`-ed)
@@ -335,7 +302,8 @@ class DiffusionUNet(nn.Module):
         """
         if (image is None) == (image_features is None):
             raise ValueError(f"{self.spec.name}: pass exactly one of image= or image_features=")
-        self._check_tensor(x_t, self.spec.mask_channels, "x_t (noisy mask)", "the mask has 1 channel")
+        hint = "the mask has 1 channel, 2 with self-conditioning (x_t and the previous x0 estimate)"
+        self._check_tensor(x_t, self.spec.mask_channels, "x_t (noisy mask)", hint)
         b = x_t.shape[0]
         if timesteps.ndim != 1 or timesteps.shape[0] != b:
             raise ConfigError(f"{self.spec.name}: timesteps must have shape ({b},), got {tuple(timesteps.shape)}")
@@ -359,23 +327,14 @@ class DiffusionUNet(nn.Module):
                     f"{tuple(feats[0].shape[2:])} but x_t is {tuple(x_t.shape)}; use repeat_features(feats, n) "
                     "for ensembles"
                 )
-        emb = timestep_embedding(timesteps, self.spec.base_channels).to(self.time_embed[0].weight.dtype)
-        emb = self.time_embed(emb)
-        h = self._inject_input(self.input_conv(x_t), feats)
-        hs = [h]
-        for lv, blocks in enumerate(self.enc_levels):
-            for i, blk in enumerate(blocks):
-                h = blk(h, emb)
-                if i == len(blocks) - 1:
-                    h = self._fuse(lv, h, feats)
-                hs.append(h)
-            if lv < len(self.enc_downs):
-                h = self.enc_downs[lv](h)
-                hs.append(h)
-        h = self.mid(self._condition_bottleneck(h, feats), emb)
-        for blk in self.dec_blocks:
-            h = blk(torch.cat([h, hs.pop()], dim=1), emb)
-        out = self.out(h)
+        unet = self.unet
+        emb = unet._embed(timesteps, None)
+        hooks = {0: lambda h: self._inject_input(h, feats)}
+        for level, index in enumerate(unet.level_ends):
+            hooks[index] = lambda h, level=level: self._fuse(level, h, feats)
+        h, hs = unet.encode(x_t, emb, hooks)
+        h = unet.middle_block(self._condition_bottleneck(h, feats, emb), emb)
+        out = unet.out(unet.decode(h, hs, emb))
         if return_anchor:
             return out, self.anchor_logits(feats)
         return out
@@ -391,10 +350,4 @@ class DiffusionUNet(nn.Module):
             raise ConfigError(
                 f"{spec.name}: {what} has {x.shape[1]} channels but the model was built for {channels} ({hint})"
             )
-        size = tuple(x.shape[2:])
-        if self.size_locked and size != spec.size:
-            raise ConfigError(
-                f"{spec.name}: {what} has spatial size {size} but the model (FF-Parser) was built for {spec.size}; "
-                "build it for this size (data.image_size / data.patch_size)"
-            )
-        check_spatial_size(size, spec.levels, spec.name, spec.channel_mult)
+        check_spatial_size(tuple(x.shape[2:]), spec.levels, spec.name, spec.channel_mult, spec.resample_depth)

@@ -82,7 +82,7 @@ def build_components(cfg: ExperimentConfig, run_dir: Path, dist_ctx: DistContext
     diffusion = build_diffusion(cfg.diffusion, respacing="")  # training ALWAYS uses the full schedule
     objective = SegmentationObjective(cfg, diffusion)
     validator = None
-    if splits.val and cfg.data.dims == 2:
+    if splits.val:  # 2-D slices or 3-D sliding windows (training/validation.py)
         validator = Validator(cfg, manifest, splits.val, dist_ctx)
     return Components(model=model, objective=objective, dataset=dataset, sampler=sampler, validator=validator)
 

@@ -9,6 +9,11 @@ volume ``(Z, H, W)``, resample it to the native grid
 Per-case numbers are computed on every rank for its share of the cases (``cases[rank::world]``)
 and gathered, so each rank returns the same means (and agrees on the best checkpoint).
 
+3-D patch models (``data.dims: 3``) are validated the same way on whole volumes: the cached volume
+is cut into overlapping ``data.patch_size`` windows, all windows are sampled in one batched call and
+the member probabilities are stitched (:func:`medsegdiff.inference.windows.sample_windows`, the
+path ``medsegdiff predict`` uses), then scored on the native grid like 2-D.
+
 The official simple baseline (Tmax > ``evaluation.tmax_threshold`` s) is scored once on the same
 cases for reference.
 
@@ -69,7 +74,7 @@ class Validator:
         self.case_ids = ids
         self.dist = dist_ctx
         self.dataset = SliceDataset(manifest, ids, context_slices=cfg.data.context_slices, augment=None,
-                                    seed=cfg.seed) if ids else None
+                                    seed=cfg.seed) if ids and cfg.data.dims == 2 else None
         self._diffusion: Any = None
         self._baseline: dict[str, float] | None = None
         self.last_rows: list[dict[str, Any]] = []
@@ -87,18 +92,28 @@ class Validator:
     def probabilities(self, model: torch.nn.Module, case_id: str, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Ensemble mean and standard deviation of the lesion probability, each ``(Z, H, W)`` (cache grid)."""
         from medsegdiff.inference.sampler import sample_probabilities
+        from medsegdiff.inference.windows import sample_windows
 
         vc = self.cfg.train.validation
-        images = self.dataset.volume(case_id).to(self.dist.device)
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed * 1_000_003 + step)
         diffusion = self.diffusion if getattr(model, "is_diffusion", True) else None
-        probs = sample_probabilities(
-            model, diffusion, images, members=vc.ensemble, sampler=self.cfg.diffusion.sampler,
-            eta=self.cfg.diffusion.eta, batch_size=self.cfg.inference.batch_size, generator=gen,
-            precision=self.cfg.inference.precision, clip_denoised=self.cfg.diffusion.clip_denoised,
-        )
-        probs = probs.float()
-        return probs.mean(0).cpu().numpy(), probs.std(0, correction=0).cpu().numpy()
+
+        def sample(images: torch.Tensor) -> torch.Tensor:
+            return sample_probabilities(
+                model, diffusion, images.to(self.dist.device), members=vc.ensemble,
+                sampler=self.cfg.diffusion.sampler, eta=self.cfg.diffusion.eta,
+                batch_size=self.cfg.inference.batch_size, generator=gen, precision=self.cfg.inference.precision,
+                clip_denoised=self.cfg.diffusion.clip_denoised,
+            ).float().cpu()
+
+        if self.cfg.data.dims == 3:  # (M, Z, H, W) from stitched sliding windows
+            volume = np.asarray(self.manifest.case(case_id).image, dtype=np.float32)
+            probs = torch.from_numpy(
+                sample_windows(lambda p: sample(torch.from_numpy(p)).numpy(), volume, self.cfg.data.patch_size)
+            )
+        else:
+            probs = sample(self.dataset.volume(case_id))
+        return probs.mean(0).numpy(), probs.std(0, correction=0).numpy()
 
     def score_case(self, model: torch.nn.Module, case_id: str, step: int) -> dict[str, Any]:
         from medsegdiff.inference.export import to_native

@@ -107,3 +107,78 @@ def test_unet_learns_epsilon_on_a_tiny_problem():
         losses.append(loss.item())
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.6 * first
+
+
+# -- extensions (listed in the provenance header of improved_diffusion/unet.py) ----------------------
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_resblock_time_free_groups_and_widths(dims):
+    from improved_diffusion.unet import ResBlock
+
+    s = (4,) * dims
+    x, emb = torch.randn(2, 6, *s), torch.randn(2, 10)
+    rb = ResBlock(6, 10, 0.0, out_channels=12, dims=dims, use_scale_shift_norm=True, norm_groups=32)
+    assert rb(x, emb).shape == (2, 12, *s)
+    assert rb.out_layers[0].num_groups == 12  # the largest divisor of 12 not above 32
+    assert ResBlock(6, 10, 0.0, dims=dims, norm_groups=4).in_layers[0].num_groups == 3
+    with pytest.raises(ValueError, match="called without one"):
+        rb(x)
+    free = ResBlock(6, None, 0.0, dims=dims, use_scale_shift_norm=True)
+    assert free.emb_layers is None and not free.use_scale_shift_norm
+    torch.testing.assert_close(free(x), x)  # zero-initialised last convolution: identity at init
+    torch.nn.init.normal_(free.out_layers[-1].weight)
+    assert torch.equal(free(x), free(x, None)) and not torch.allclose(free(x), x)
+
+
+def test_attention_num_head_channels_and_groups():
+    from improved_diffusion.unet import attention_heads
+
+    assert attention_heads(64, num_heads=4) == 4
+    assert attention_heads(64, num_heads=4, num_head_channels=16) == 4
+    assert attention_heads(64, num_heads=1, num_head_channels=32) == 2  # the width per head wins
+    blk = AttentionBlock(12, num_head_channels=4, norm_groups=4)
+    assert blk.num_heads == 3 and blk.norm.num_groups == 4
+    with pytest.raises(ValueError, match="not divisible by num_head_channels 5"):
+        AttentionBlock(12, num_head_channels=5)
+
+
+def test_channel_changing_and_full_3d_resampling():
+    x = torch.randn(1, 4, 4, 8, 8)
+    assert Downsample(4, True, dims=3, out_channels=6)(x).shape == (1, 6, 4, 4, 4)  # upstream rule (1, 2, 2)
+    assert Downsample(4, True, dims=3, out_channels=6, resample_depth=True)(x).shape == (1, 6, 2, 4, 4)
+    assert Upsample(4, True, dims=3, out_channels=2, resample_depth=True)(x).shape == (1, 2, 8, 16, 16)
+    assert Upsample(4, True, 2, 3)(torch.randn(1, 4, 2, 2)).shape == (1, 3, 4, 4)  # guided's positional order
+    with pytest.raises(ValueError, match="needs use_conv=True"):
+        Downsample(4, False, out_channels=6)
+    with pytest.raises(ValueError, match="needs use_conv=True"):
+        Upsample(4, False, out_channels=6)
+
+
+def test_encode_hooks_decode_equal_forward_and_time_free_encoder():
+    torch.manual_seed(0)
+    kw = dict(in_channels=2, model_channels=8, out_channels=1, num_res_blocks=1, attention_resolutions=(2,),
+              channel_mult=(1, 2), num_heads=2, norm_groups=4)
+    model = UNetModel(**kw)
+    torch.nn.init.normal_(model.out[-1].weight, std=0.1)
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([1, 9])
+    emb = model._embed(t, None)
+    h, hs = model.encode(x, emb)
+    out = model.out(model.decode(model.middle_block(h, emb), hs, emb))
+    torch.testing.assert_close(out, model(x, t))
+    assert model.level_ends == (1, 3) and [hs[i].shape[1] for i in model.level_ends] == [8, 16]
+    # a hook replaces a block's output, including the skip connection the decoder sees
+    seen = []
+    h2, hs2 = model.encode(x, emb, {1: lambda z: seen.append(z.shape) or z * 0})
+    assert seen == [(2, 8, 8, 8)] and torch.equal(hs2[1], torch.zeros_like(hs2[1]))
+    assert not torch.equal(model.out(model.decode(model.middle_block(h2, emb), hs2, emb)), out)
+    # time-free encoder only: no time MLP, no decoder, forward without timesteps
+    enc = UNetModel(**kw, timestep_conditioned=False, encoder_only=True, mid_attention=False)
+    assert not hasattr(enc, "time_embed") and not hasattr(enc, "output_blocks")
+    assert len(enc.middle_block) == 2
+    h3, _ = enc.encode(x, None)
+    assert enc.middle_block(h3).shape == (2, 16, 4, 4)
+    full = UNetModel(**kw, timestep_conditioned=False)
+    assert full(x).shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="pass timesteps"):
+        model(x)

@@ -15,7 +15,6 @@ TINY = [
     "model.attention_resolutions=[2]",
     "model.num_heads=2",
     "model.norm_groups=4",
-    "model.anchor_channels=8",
     "model.dynunet_filters=[8,16,32]",
 ]
 

@@ -23,3 +23,16 @@ def test_bench_model_smoke():
     assert v2["fp32_eager"]["forward_samples_per_s"] > 0 and v2["fp32_eager"]["train_samples_per_s"] > 0
     assert v2["sampling_cache"]["steps"] == 2
     assert "sampling_cache" not in out["results"]["tiny/dynunet"]
+    assert "v2_over_v1" not in out  # V1 not benchmarked: no overhead figure
+
+
+def test_v2_overhead_ratios():
+    v1 = {"params": 100, "gflops_per_sample": 2.0, "gflops_step_cached": 1.0,
+          "fp32_eager": {"forward_samples_per_s": 10.0, "train_samples_per_s": 4.0}}
+    v2 = {"params": 150, "gflops_per_sample": 3.0, "gflops_step_cached": 1.5,
+          "fp32_eager": {"forward_samples_per_s": 5.0, "train_samples_per_s": 1.0}}
+    assert bench_model.v2_overhead(v1, v2) == {
+        "params": 1.5, "gflops_per_sample": 1.5, "gflops_step_cached": 1.5,
+        "fp32_eager_forward_time": 2.0, "fp32_eager_train_time": 4.0,
+    }
+    assert bench_model.v2_overhead(None, v2) == {}

@@ -1,4 +1,7 @@
-"""Building blocks: FF-Parser, repeat_features, size checks, attention, ResBlock."""
+"""MedSegDiff building blocks: FF-Parser (any size), repeat_features, size checks.
+
+The generic blocks (ResBlock, attention, resampling) are the core's: tests/improved_diffusion/test_unet.py.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +9,7 @@ import pytest
 import torch
 
 from medsegdiff.errors import ConfigError
-from medsegdiff.nets.blocks import (
-    AttentionBlock,
-    Downsample,
-    FFParser,
-    ResBlock,
-    Upsample,
-    check_spatial_size,
-    repeat_features,
-)
+from medsegdiff.nets.blocks import FFParser, check_spatial_size, repeat_features
 
 
 @pytest.mark.parametrize("size", [(8, 6), (4, 6, 5)])
@@ -54,10 +49,28 @@ def test_ffparser_runs_in_fp32_under_bf16_autocast_and_keeps_dtype():
     torch.testing.assert_close(y.float(), x.float(), atol=1e-2, rtol=0)
 
 
-def test_ffparser_wrong_size_message():
-    ff = FFParser(2, (8, 8))
-    with pytest.raises(ValueError, match=r"spatial size \(4, 4\) but the parser was built for \(8, 8\)"):
-        ff(torch.zeros(1, 2, 4, 4))
+def test_ffparser_other_size_samples_the_map_in_normalised_frequency():
+    # identity stays identity at every size, 2-D and 3-D
+    for ref, size in [((8, 8), (16, 12)), ((8, 8), (4, 6)), ((4, 6, 6), (8, 12, 10))]:
+        x = torch.randn(2, 3, *size)
+        torch.testing.assert_close(FFParser(3, ref)(x), x, atol=1e-5, rtol=0)
+    # a low-pass map (keep |f| <= 1/8 in both axes) learned at 16 x 16 keeps |f| <= 1/8 at 32 x 32:
+    # a cosine of frequency 1/16 passes, one of frequency 1/4 is removed (first principles)
+    ff = FFParser(1, (16, 16))
+    with torch.no_grad():
+        fy = torch.fft.fftfreq(16).abs()[:, None]
+        fx = torch.fft.rfftfreq(16)[None, :]
+        ff.weight_real.copy_(((fy <= 0.125) & (fx <= 0.125)).float()[None])
+    n = torch.arange(32, dtype=torch.float32)
+    low = torch.cos(2 * torch.pi * n / 16).expand(1, 1, 32, 32)
+    high = torch.cos(2 * torch.pi * n / 4).expand(1, 1, 32, 32)
+    torch.testing.assert_close(ff(low), low, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ff(high), torch.zeros_like(high), atol=1e-5, rtol=0)
+    # the resampled map is differentiable in the stored weights (training at any size)
+    ff(torch.randn(1, 1, 24, 24)).square().sum().backward()
+    assert ff.weight_real.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="3-D input but the parser is 2-D"):
+        ff(torch.zeros(1, 1, 4, 4, 4))
 
 
 def test_repeat_features_interleaves_members():
@@ -80,34 +93,7 @@ def test_check_spatial_size_message():
         check_spatial_size((100, 100), 4, "model", [1, 2, 4, 8])
 
 
-@pytest.mark.parametrize("dims", [2, 3])
-def test_resblock_down_up_attention_shapes(dims):
-    s = (4,) * dims
-    x = torch.randn(2, 6, *s)
-    emb = torch.randn(2, 10)
-    rb = ResBlock(6, 10, out_channels=12, dims=dims, norm_groups=32)  # 12 channels -> 12 groups
-    assert rb(x, emb).shape == (2, 12, *s)
-    assert rb.out_norm.num_groups == 12
-    assert ResBlock(6, None, dims=dims)(x).shape == x.shape
-    assert Downsample(6, dims)(x).shape == (2, 6, *(2,) * dims)
-    assert Upsample(6, dims, 3)(x).shape == (2, 3, *(8,) * dims)
-    att = AttentionBlock(6, num_heads=2, norm_groups=4)
-    torch.testing.assert_close(att(x), x)  # zero-initialised projection: identity at init
-
-
-def test_attention_matches_manual_softmax():
-    torch.manual_seed(0)
-    att = AttentionBlock(4, num_heads=1, norm_groups=2)
-    with torch.no_grad():
-        att.proj.weight.copy_(torch.eye(4)[:, :, None])
-    x = torch.randn(1, 4, 3, 3)
-    h = att.norm(x).reshape(1, 4, 9)
-    q, k, v = att.qkv(h).reshape(3, 4, 9)
-    w = torch.softmax(q.T @ k / 2.0, dim=-1)  # (N, N), scale 1/sqrt(4)
-    expected = x + (v @ w.T + att.proj.bias[:, None]).reshape(1, 4, 3, 3)
-    torch.testing.assert_close(att(x), expected, atol=1e-5, rtol=1e-5)
-
-
-def test_attention_head_error():
-    with pytest.raises(ConfigError, match="num_head_channels: 5 does not divide the attention width 12"):
-        AttentionBlock(12, num_head_channels=5)
+def test_check_spatial_size_depth_rule():
+    check_spatial_size((5, 16, 16), 3, resample_depth=False)  # in-plane only: any depth
+    with pytest.raises(ConfigError, match=r"image size 5 .* not a multiple of 2\^2 = 4"):
+        check_spatial_size((5, 16, 16), 3, resample_depth=True)

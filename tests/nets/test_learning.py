@@ -8,6 +8,7 @@ set) and the V2 anchor head with BCE; the baseline trains BCE + soft Dice on its
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -29,11 +30,11 @@ def _problem(n: int = 8, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, t
     return torch.stack(imgs), torch.stack(masks)
 
 
-def _train_diffusion(name, h, steps=60):
-    img, mask = _problem()
+def _train_diffusion(name, h, steps=60, size=16):
+    img, mask = _problem(size=size)
     x0 = 2 * mask - 1
     torch.manual_seed(0)
-    model = build_model(h.tiny_config(name, "data.modalities=[cbf,tmax]"))
+    model = build_model(h.tiny_config(name, "data.modalities=[cbf,tmax]", size=size))
     diffusion = create_gaussian_diffusion(steps=1000)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     ts = torch.tensor([50, 150, 300, 500])
@@ -52,15 +53,18 @@ def _train_diffusion(name, h, steps=60):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    # the clean mask recovered from the predicted noise at t = 300 matches the lesion
-    model.eval()
+    return mse, anchor_bce, _dice_at_t300(model.eval(), diffusion, img, mask), model
+
+
+def _dice_at_t300(model, diffusion, img, mask):
+    """Dice of the clean mask recovered from the predicted noise at t = 300."""
+    x0 = 2 * mask - 1
     with torch.no_grad():
         t = torch.full((len(img),), 300)
         x_t = diffusion.q_sample(x0, t)
         x0_hat = diffusion._predict_xstart_from_eps(x_t, t, model(x_t, t, image=img))
     pred = (x0_hat > 0).float()
-    dice = 2 * (pred * mask).sum() / (pred.sum() + mask.sum())
-    return mse, anchor_bce, dice.item()
+    return (2 * (pred * mask).sum() / (pred.sum() + mask.sum())).item()
 
 
 def _mean(xs):
@@ -68,16 +72,33 @@ def _mean(xs):
 
 
 def test_v1_learns(h):
-    mse, _, dice = _train_diffusion("medsegdiff_v1", h)
+    mse, _, dice, _ = _train_diffusion("medsegdiff_v1", h)
     assert _mean(mse[-10:]) < _mean(mse[:5]) / 3, (mse[:5], mse[-10:])
     assert dice > 0.8
 
 
 def test_v2_learns_with_anchor(h):
-    mse, bce, dice = _train_diffusion("medsegdiff_v2", h)
+    mse, bce, dice, _ = _train_diffusion("medsegdiff_v2", h)
     assert _mean(mse[-10:]) < _mean(mse[:5]) / 3, (mse[:5], mse[-10:])
     assert _mean(bce[-10:]) < _mean(bce[:5]) / 3, (bce[:5], bce[-10:])
     assert dice > 0.8
+
+
+@pytest.mark.slow  # ~1-2 CPU minutes; the default run keeps tests/nets/test_blocks.py's FF-Parser size test
+def test_v1_trained_at_32_px_samples_at_64_px(h):
+    _, _, dice32, model = _train_diffusion("medsegdiff_v1", h, size=32)
+    assert dice32 > 0.8
+    img, mask = _problem(n=4, size=64, seed=1)  # new cases, twice the size the model was built for
+    # the denoiser transfers: the clean mask recovered at t = 300 still matches the lesions
+    dice64 = _dice_at_t300(model, create_gaussian_diffusion(steps=1000), img, mask)
+    assert dice64 > 0.8, (dice32, dice64)
+    # and the full reverse process runs at 64 px (DDIM-10 through the core's sampling loop)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        x0 = create_gaussian_diffusion(steps=1000, timestep_respacing="ddim10").ddim_sample_loop(
+            model, (4, 1, 64, 64), model_kwargs={"image": img}
+        )
+    assert x0.shape == (4, 1, 64, 64) and torch.isfinite(x0).all()
 
 
 def test_baseline_learns(h):

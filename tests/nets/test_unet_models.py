@@ -122,8 +122,8 @@ def test_bad_size_and_channels_errors(h):
     t = torch.tensor([1])
     with pytest.raises(ConfigError, match=r"image has 3 channels but the model was built for 5 \(data.in_channels"):
         model(torch.zeros(1, 1, 16, 16), t, image=torch.zeros(1, 3, 16, 16))
-    with pytest.raises(ConfigError, match=r"built for \(16, 16\)"):  # FF-Parser fixes the size
-        model(torch.zeros(1, 1, 32, 32), t, image=torch.zeros(1, 5, 32, 32))
+    with torch.no_grad():  # the FF-Parser no longer fixes the size (weights in normalised frequency)
+        assert model(torch.zeros(1, 1, 32, 32), t, image=torch.zeros(1, 5, 32, 32)).shape == (1, 1, 32, 32)
     with pytest.raises(ConfigError, match=r"expects \(B, C, H, W\)"):
         model(torch.zeros(1, 1, 4, 16, 16), t, image=torch.zeros(1, 5, 4, 16, 16))
     with pytest.raises(ValueError, match="exactly one of image= or image_features="):
@@ -131,7 +131,7 @@ def test_bad_size_and_channels_errors(h):
     with pytest.raises(ConfigError, match=r"use repeat_features"):
         feats = model.encode_image(torch.zeros(1, 5, 16, 16))
         model(torch.zeros(2, 1, 16, 16), torch.tensor([1, 1]), image_features=feats)
-    # without a size-locked layer the model accepts other valid sizes and still checks them
+    # V2 accepts other valid sizes too and still checks them
     v2 = build_model(h.tiny_config("medsegdiff_v2")).eval()
     with torch.no_grad():
         assert v2(torch.zeros(1, 1, 24, 24), t, image=torch.zeros(1, 5, 24, 24)).shape == (1, 1, 24, 24)
@@ -144,6 +144,33 @@ def test_bad_attention_config_errors(h):
         h.tiny_config("medsegdiff_v1", "model.attention_resolutions=[3]")
     with pytest.raises(ConfigError, match="num_heads: 3 does not divide the attention width 16"):
         build_model(h.tiny_config("medsegdiff_v1", "model.num_heads=3"))
+    with pytest.raises(ConfigError, match="num_head_channels: 5 does not divide the attention width 16"):
+        build_model(h.tiny_config("medsegdiff_v1", "model.num_head_channels=5"))
+
+
+@pytest.mark.parametrize("name", DIFFUSION)
+def test_self_conditioning_mask_channels(name):
+    # the self-conditioning contract: the network takes cat([x_t, x0_prev]) and says so
+    model = CLASSES[name](_spec(2, (16, 16), 3, mask_channels=2)).eval()
+    assert model.self_condition is False  # set by the registry from diffusion.self_condition
+    x, img, t = torch.randn(2, 2, 16, 16), torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert model(x, t, image=img).shape == (2, 1, 16, 16)
+    with pytest.raises(ConfigError, match=r"x_t \(noisy mask\) has 1 channels but the model was built for 2"):
+        model(x[:, :1], t, image=img)
+
+
+@pytest.mark.parametrize("name", DIFFUSION)
+def test_3d_depth_rule(name):
+    # full 3-D (default): every level halves D too; resample_depth=False keeps D (any depth)
+    x, img, t = torch.randn(1, 1, 5, 16, 16), torch.randn(1, 2, 5, 16, 16), torch.tensor([3])
+    with pytest.raises(ConfigError, match=r"image size 5 .* not a multiple of 2\^2 = 4"):
+        CLASSES[name](_spec(3, (5, 16, 16), 2))
+    model = CLASSES[name](_spec(3, (5, 16, 16), 2, resample_depth=False)).eval()
+    assert model.spec.level_size(2) == (5, 4, 4)
+    with torch.no_grad():
+        assert model(x, t, image=img).shape == (1, 1, 5, 16, 16)
+        assert model.encode_image(img)[model.spec.levels].shape[2:] == (5, 4, 4)
 
 
 @pytest.mark.parametrize("name", DIFFUSION)
