@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medsegdiff.tracking.jsonl import read_metrics
-
 CURVES_FILE = "learning_curves.png"
 _NOT_A_LOSS = ("lr", "grad_norm", "step_time_s", "samples_per_s", "max_memory_gb", "max_rss_gb",
                "non_finite_steps", "skipped_step", "loss_scale")
@@ -38,15 +36,15 @@ def curve_series(records: Sequence[dict[str, Any]]) -> tuple[dict[str, list[tupl
     return train, val
 
 
-def write_learning_curves(metrics_path: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> Path | None:
-    """Plot ``metrics_path`` into ``out_path`` (PNG); None (nothing written) without any curve.
+def write_learning_curves(records: Sequence[dict[str, Any]], out_path: str | os.PathLike[str]) -> Path | None:
+    """Plot the ``metrics.jsonl`` records into ``out_path`` (PNG); None (nothing written) without any curve.
 
     Raises:
         OSError: the file cannot be read or written.
     """
     from medsegdiff.utils.plotting import save_png
 
-    fig = learning_curves_figure(read_metrics(metrics_path))
+    fig = learning_curves_figure(records)
     return None if fig is None else save_png(fig, out_path)
 
 

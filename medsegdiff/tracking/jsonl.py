@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from medsegdiff.tracking.base import finite_or_none, to_scalar
+from medsegdiff.tracking.curves import CURVES_FILE, write_learning_curves
 from medsegdiff.tracking.png import write_png
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -83,6 +84,4 @@ class JsonlTracker:
             self._fh.close()
             self._fh = None
             if self.curves:
-                from medsegdiff.tracking.curves import CURVES_FILE, write_learning_curves
-
-                write_learning_curves(self.path, self.run_dir / CURVES_FILE)
+                write_learning_curves(read_metrics(self.path), self.run_dir / CURVES_FILE)
