@@ -109,13 +109,13 @@ def _count_flops(model: Any, images: Any, members: int, batch_size: int, precisi
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from medsegdiff.inference.sampler import _autocast
     from medsegdiff.nets.blocks import repeat_features
+    from medsegdiff.utils.runtime import autocast
 
     spc = max(1, batch_size // members)
     img = images[:spc]
     nm = min(members, batch_size)
-    with torch.inference_mode(), _autocast(images.device, precision):
+    with torch.inference_mode(), autocast(images.device, precision):
         with FlopCounterMode(display=False) as enc:
             feats = model.encode_image(img)
         feats = repeat_features(list(feats), nm)

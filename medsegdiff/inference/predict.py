@@ -226,7 +226,7 @@ class Predictor:
     def __init__(self, checkpoint: Path, model: Any, cfg: Any, ckpt: dict[str, Any], overrides: list[str]) -> None:
         from medsegdiff.diffusion.factory import build_diffusion
         from medsegdiff.inference.calibration import find_calibration
-        from medsegdiff.utils.runtime import resolve_device
+        from medsegdiff.utils.runtime import resolve_device, resolve_precision
 
         self.checkpoint, self.model, self.cfg, self.ckpt, self.overrides = checkpoint, model, cfg, ckpt, overrides
         override_keys = {o.split("=", 1)[0].strip() for o in overrides}
@@ -246,10 +246,7 @@ class Predictor:
 
             model = torch.compile(model)  # forward only; encode_image runs eagerly once per slice
         self.model = model
-        precision = inf.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        self.precision = precision
+        self.precision = resolve_precision(inf.precision, self.device)
         self.is_diffusion = bool(getattr(model, "is_diffusion", True))
         self.respacing = (inf.respacing or cfg.diffusion.respacing) if self.is_diffusion else ""
         # ConfigError (from the factory) for a respacing that cannot be built
@@ -283,11 +280,11 @@ class Predictor:
         """Sampled member probabilities of one cached case: float32 ``(M, Z, H, W)`` on the cache grid."""
         import torch
 
-        from medsegdiff.inference.sampler import sample_probabilities
+        from medsegdiff.inference.sampler import sample_probabilities, sampler_name
 
         cfg = self.cfg
         gen = torch.Generator(device=self.device).manual_seed(_case_seed(cfg.seed, case_id))
-        kwargs = dict(members=self.members_per_case, sampler=cfg.diffusion.sampler, eta=cfg.diffusion.eta,
+        kwargs = dict(members=self.members_per_case, sampler=sampler_name(cfg), eta=cfg.diffusion.eta,
                       batch_size=cfg.inference.batch_size, generator=gen, progress=progress,
                       precision=self.precision, clip_denoised=cfg.diffusion.clip_denoised, desc=case_id)
         if cfg.data.dims == 3:  # sliding 3-D patches, all sampled in one batched call, then stitched

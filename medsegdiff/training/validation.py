@@ -86,14 +86,14 @@ class Validator:
 
     def probabilities(self, model: torch.nn.Module, case_id: str, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Ensemble mean and standard deviation of the lesion probability, each ``(Z, H, W)`` (cache grid)."""
-        from medsegdiff.inference.sampler import sample_probabilities
+        from medsegdiff.inference.sampler import sample_probabilities, sampler_name
 
         vc = self.cfg.train.validation
         images = self.dataset.volume(case_id).to(self.dist.device)
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed * 1_000_003 + step)
         diffusion = self.diffusion if getattr(model, "is_diffusion", True) else None
         probs = sample_probabilities(
-            model, diffusion, images, members=vc.ensemble, sampler=self.cfg.diffusion.sampler,
+            model, diffusion, images, members=vc.ensemble, sampler=sampler_name(self.cfg),
             eta=self.cfg.diffusion.eta, batch_size=self.cfg.inference.batch_size, generator=gen,
             precision=self.cfg.inference.precision, clip_denoised=self.cfg.diffusion.clip_denoised,
         )
