@@ -12,6 +12,8 @@ Per case the volume's slices and the ensemble members are sampled together
 (:mod:`~medsegdiff.inference.ensemble`), resampled to the native NCCT grid and thresholded
 (:mod:`~medsegdiff.inference.export`). Outputs in ``out_dir``: ``<case>.nii.gz`` (uint8 mask),
 ``<case>_prob.nii.gz``, ``<case>_uncertainty.nii.gz``, ``<case>_overlay.png``,
+``<case>_members.npz`` (member masks and brain region for ``evaluate``'s uncertainty metrics, see
+:mod:`~medsegdiff.inference.members`; diffusion models, ``inference.write_members``),
 ``predictions.csv`` and ``predict.json`` (what was run).
 """
 
@@ -304,7 +306,7 @@ class Predictor:
 
         Returns:
             ``prob_cache``, ``unc_cache`` ``(Z, H, W)``; ``prob_native``, ``unc_native``,
-            ``mask_native`` ``(Z, Y, X)``; ``mask_cache``.
+            ``mask_native`` ``(Z, Y, X)``; ``mask_cache``; ``members_cache`` ``(M, Z, H, W)``.
         """
         from medsegdiff.inference import ensemble as ens
         from medsegdiff.inference.export import to_native
@@ -323,6 +325,7 @@ class Predictor:
             "prob_native": prob_native,
             "unc_native": to_native(unc_cache, cache_geo, native_geo),
             "mask_native": ens.binarize(prob_native, self.threshold, inf.combine),
+            "members_cache": members,
         }
 
 
@@ -382,6 +385,12 @@ def predict(
         native_geo = case.native_geometry
         paths = export.write_case(out, case_id, mask=res["mask_native"], prob=res["prob_native"],
                                   uncertainty=res["unc_native"], native_geometry=native_geo)
+        if inf.write_members and pred.is_diffusion:  # for evaluate's uncertainty metrics
+            from medsegdiff.inference import members as mem
+
+            masks, brain = mem.native_members(res["members_cache"], np.asarray(case.image, dtype=np.float32),
+                                              pred.threshold, case.cache_geometry, native_geo)
+            mem.write_members(mem.members_path(out, case_id), masks, brain)
         if inf.overlays:
             export.write_overlay(export.output_paths(out, case_id)["overlay"],
                                  np.asarray(case.image[chan], dtype=np.float32), res["mask_cache"],
