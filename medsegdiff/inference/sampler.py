@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,8 +39,6 @@ from improved_diffusion import solvers
 from medsegdiff.diffusion.self_condition import concat_self_cond
 from medsegdiff.nets.blocks import repeat_features
 from medsegdiff.utils.runtime import autocast, resolve_precision
-
-SamplerName = Literal["ddim", "ddpm", "dpmpp_2m", "dpmpp_3m", "x0"]
 
 
 @dataclass(frozen=True)
