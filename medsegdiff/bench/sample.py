@@ -265,6 +265,7 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
         ConfigError: bad lists, an unknown sampler, a respacing the schedule cannot make.
         DataError / CheckpointError: see :func:`medsegdiff.inference.predict.Predictor.load`.
     """
+    import tempfile
     from pathlib import Path
 
     import numpy as np
@@ -284,7 +285,8 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("bench sample --checkpoint needs --data (the cache or dataset with the held-out cases)")
     out_dir = Path(args.out) if args.out else None
     base = Predictor.load(args.checkpoint, args.override)
-    work = out_dir if out_dir is not None else Path(args.checkpoint).resolve().parent
+    # raw data is prepared (with the checkpoint's settings) into <out>/_cache, or a temporary folder
+    work = out_dir if out_dir is not None else Path(tempfile.mkdtemp(prefix="medsegdiff_bench_sample_"))
     case_filter = [c for c in args.cases.replace(",", " ").split() if c] or None
     sources = resolve_sources(args.data, work, base.cfg, case_filter, progress=False)
     cases = _held_out_cases(args.checkpoint, sources, args.cases)
