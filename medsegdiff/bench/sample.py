@@ -325,6 +325,7 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
         check = Predictor(base.checkpoint, base.model, _with_overrides(base.cfg, [
             *args.override, f"inference.respacing={respacing_for(args.spacing, 2)}"]), base.ckpt, [])
         result["reference_check"][sampler] = _reference_check(check, cases[0][0], cases[0][1], sampler)
+    add_paired_differences(result["settings"], reference=("ddim", max(nfes)))
     result["table"] = format_quality_table(result["settings"])
     if out_dir is not None:
         from medsegdiff.utils.io import atomic_write_json, atomic_write_text
@@ -334,6 +335,27 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
         atomic_write_text(out_dir / "bench_sample.txt", result["table"] + "\n")
         plot_dice_vs_nfe(out_dir / "dice_vs_nfe.png", result["settings"])
     return _finite(result)
+
+
+def add_paired_differences(settings: list[dict[str, Any]], reference: tuple[str, int]) -> None:
+    """Add ``dice_minus_reference``: the mean per-case Dice difference to ``reference`` (sampler, NFE).
+
+    Paired over cases and with the same ensemble size (the Done-when test of issue 13 compares
+    each sampler with DDIM at the largest NFE, e.g. 250). Settings without a reference get None.
+    """
+    import numpy as np
+
+    refs = {e["members"]: e for e in settings if (e["sampler"], e["nfe"]) == reference}
+    for e in settings:
+        ref = refs.get(e["members"])
+        if ref is None:
+            e["dice_minus_reference"] = None
+            continue
+        a = np.array([r["dice"] for r in e["per_case"]])
+        b = np.array([r["dice"] for r in ref["per_case"]])
+        e["dice_minus_reference"] = float(np.mean(a - b))
+    if settings:
+        settings[0].setdefault("reference", f"{reference[0]} at NFE {reference[1]}")
 
 
 def _with_overrides(cfg: Any, overrides: list[str]) -> Any:
@@ -357,13 +379,14 @@ def _finite(obj: Any) -> Any:
 
 def format_quality_table(settings: list[dict[str, Any]]) -> str:
     """One line per (sampler, NFE, members): Dice, lesion F1, AVD, gain, AUROC, seconds per volume."""
-    cols = ("dice", "lesion_f1", "avd_ml", "ensemble_gain", "uncertainty_auroc", "seconds_per_volume")
-    lines = [f"{'sampler':<10}{'nfe':>5}{'members':>8}" + "".join(f"{c:>19}" for c in cols)]
+    cols = ("dice", "dice_minus_reference", "lesion_f1", "avd_ml", "ensemble_gain", "uncertainty_auroc",
+            "seconds_per_volume")
+    lines = [f"{'sampler':<10}{'nfe':>5}{'members':>8}" + "".join(f"{c:>21}" for c in cols)]
     for e in settings:
         cells = []
         for c in cols:
             v = e.get(c)
-            cells.append(f"{'-':>19}" if v is None or v != v else f"{v:>19.4f}")
+            cells.append(f"{'-':>21}" if v is None or v != v else f"{v:>21.4f}")
         lines.append(f"{e['sampler']:<10}{e['nfe']:>5}{e['members']:>8}" + "".join(cells))
     return "\n".join(lines)
 

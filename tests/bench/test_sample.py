@@ -74,3 +74,4 @@ def test_bench_sample_quality_vs_nfe_on_the_test_split(tmp_path, capsys):
     for name in ("bench_sample.json", "bench_sample.txt", "dice_vs_nfe.png"):
         assert (out / name).stat().st_size > 0
     assert "dpmpp" not in res["table"] and "ddim" in res["table"]
+    assert all(e["dice_minus_reference"] == pytest.approx(0.0) for e in res["settings"] if e["sampler"] == "ddim")
