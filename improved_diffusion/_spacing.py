@@ -6,26 +6,48 @@ validation can check a respacing string without importing torch.
 Provenance: API of ``space_timesteps`` in ``improved_diffusion/respace.py`` of
 ``openai/improved-diffusion@1bc7bbb`` (MIT, Copyright (c) 2021 OpenAI; see
 ``improved_diffusion/LICENSE``). Written anew. Local changes: honest ``ValueError`` messages
-(the failing ``"ddimN"`` names N and the nearest achievable counts).
+(the failing ``"ddimN"`` names N and the nearest achievable counts); ``"ddim1"`` is accepted
+(stride T, upstream refused it); new ``"trailingN"`` spacing (Lin et al. 2023, arXiv:2305.08891,
+Table 2), which always starts at ``t = T - 1``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["space_timesteps"]
+__all__ = ["space_timesteps", "trailing_timesteps"]
 
 
 def _ddim_counts(num_timesteps: int) -> list[int]:
-    """Step counts reachable with ``range(0, T, stride)`` for ``stride = 1 .. T - 1``."""
-    return sorted({len(range(0, num_timesteps, s)) for s in range(1, num_timesteps)})
+    """Step counts reachable with ``range(0, T, stride)`` for ``stride = 1 .. T``."""
+    return sorted({len(range(0, num_timesteps, s)) for s in range(1, num_timesteps + 1)})
+
+
+def trailing_timesteps(num_timesteps: int, count: int) -> list[int]:
+    """``count`` steps ending at ``T - 1``: ``round(T - j * T / count) - 1`` for ``j = 0 .. count - 1``.
+
+    The "trailing" spacing of Lin et al. 2023 (arXiv:2305.08891, Sec. 3.3 and Table 2), written as
+    ``round(flip(arange(T, 0, -T / count))) - 1``: T=1000, count=10 gives 999, 899, ..., 99, and
+    count=1 gives 999 (one step from pure noise). Rounding is Python's ``round`` (half to even, as
+    ``numpy.round`` in the paper's formula).
+
+    Raises:
+        ValueError: ``count`` outside ``[1, T]``.
+    """
+    T = int(num_timesteps)
+    if not 1 <= count <= T:
+        raise ValueError(f"bad respacing 'trailing{count}': need 1 <= N <= {T} (the number of diffusion steps)")
+    return sorted({round(T - j * T / count) - 1 for j in range(count)})
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> set[int]:
     """Which original steps to keep when respacing a ``num_timesteps``-step process.
 
     * ``"ddimN"``: ``range(0, T, stride)`` for the smallest integer stride giving exactly N steps
-      (the DDIM paper's uniform spacing; the last step ``T - 1`` is usually not visited).
+      (the DDIM paper's uniform spacing, "leading": the last step ``T - 1`` is usually not
+      visited; ``"ddim1"`` keeps only ``t = 0``).
+    * ``"trailingN"``: N steps ending at ``T - 1`` (:func:`trailing_timesteps`; Lin et al. 2023),
+      the spacing to use for few steps: ``"trailing1"`` is a single step from ``t = T - 1``.
     * ``"N"`` or ``"a,b,c"`` (or a list of ints): split ``[0, T)`` into as many equal sections as
       counts (the first ``T % len`` sections one step longer) and take each section's count with a
       fractional stride, rounded, keeping both ends of the section. ``"10"`` at T=1000 gives
@@ -45,15 +67,23 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     T = int(num_timesteps)
     if isinstance(section_counts, str):
         spec = section_counts.strip()
+        if spec.startswith("trailing"):
+            try:
+                desired = int(spec[len("trailing"):])
+            except ValueError:
+                raise ValueError(
+                    f"bad respacing {section_counts!r}: expected 'trailingN' with an integer N"
+                ) from None
+            return set(trailing_timesteps(T, desired))
         if spec.startswith("ddim"):
             try:
                 desired = int(spec[len("ddim"):])
             except ValueError:
                 raise ValueError(
                     f"bad respacing {section_counts!r}: expected 'ddimN' with an integer N, "
-                    "'N', or comma-separated counts like '10,15,20'"
+                    "'trailingN', 'N', or comma-separated counts like '10,15,20'"
                 ) from None
-            for stride in range(1, T):
+            for stride in range(1, T + 1):
                 if len(range(0, T, stride)) == desired:
                     return set(range(0, T, stride))
             counts = _ddim_counts(T)

@@ -1,4 +1,22 @@
-"""Sampling speed: seconds per volume for a preset, respacing and ensemble size, vs the naive way.
+"""Sampling cost and quality: seconds per volume (synthetic model) or Dice vs NFE (a checkpoint).
+
+**Quality vs cost** (``--checkpoint CKPT --data DATA``): for every sampler of ``--samplers``, every
+number of network calls per member of ``--nfe`` (respacing ``<--spacing>N``; the one-step ``x0``
+sampler only at 1) and every ensemble size of ``--members``, the held-out cases (the checkpoint's
+test split from ``<run>/splits.json``, or ``--cases``) are sampled, combined by the mean,
+thresholded (the checkpoint's threshold, as ``predict``) on the native grid and scored: Dice,
+lesion F1, AVD (:func:`medsegdiff.metrics.isles24.case_metrics`), the uncertainty metrics
+(:mod:`medsegdiff.metrics.uncertainty`, ensembles of 2 or more) and seconds per volume (sampling
+only). Member ``m`` of an ensemble of 5 is member ``m`` of an ensemble of 3 (counter-based noise), so
+sizes are paired. ``reference_check`` compares the batched path with the slow reference path on one
+case for each sampler (largest absolute difference of the probabilities). Outputs: JSON on stdout
+(and ``--output``), ``--out DIR`` with ``bench_sample.json``, ``bench_sample.txt`` (a table) and
+``dice_vs_nfe.png``.
+
+Example: ``medsegdiff bench sample --checkpoint runs/x/checkpoints/best.pt --data data/ --out bench/``.
+
+**Speed only** (no ``--checkpoint``): seconds per volume for a preset, respacing and ensemble
+size, vs the naive way.
 
 The fast path is :func:`medsegdiff.inference.sampler.sample_probabilities` (all slices and members
 batched, image encoded once per slice). The naive path is what the official MedSegDiff does: one
@@ -14,6 +32,7 @@ Example: ``medsegdiff bench sample --preset small --shape 256x256x70 --respacing
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any
 
@@ -28,6 +47,19 @@ PEAK_TFLOPS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    q = p.add_argument_group("quality vs cost (with --checkpoint)")
+    q.add_argument("--checkpoint", default="", help="a checkpoint .pt or run directory: measure Dice vs NFE")
+    q.add_argument("--data", default="", help="prepared cache or raw dataset root with the held-out cases")
+    q.add_argument("--cases", default="", help="case ids (comma/space separated); default: the run's test split")
+    q.add_argument("--max-cases", type=int, default=0, help="score at most this many cases (0 = all)")
+    q.add_argument("--samplers", default="ddim,dpmpp_2m,dpmpp_3m,ddpm,x0", help="registered sampler names")
+    q.add_argument("--nfe", default="1,2,5,10,25,50,250", help="network calls per member")
+    q.add_argument("--ensembles", default="1,3,5", help="ensemble sizes")
+    q.add_argument("--spacing", default="trailing", choices=("trailing", "ddim", "uniform"),
+                   help="respacing family: trailingN (starts at T-1), ddimN (leading), or N (evenly spaced)")
+    q.add_argument("--out", default="", help="folder for bench_sample.json, bench_sample.txt and dice_vs_nfe.png")
+    q.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="prediction-time override (inference.*, diffusion.eta, device, ...), repeatable")
     p.add_argument("--preset", default="tiny", help="model block configs/model/<preset>.yaml (tiny, small, base, large)")
     p.add_argument("--model", default="", help="network name (medsegdiff_v1, medsegdiff_v2); default: the config's")
     p.add_argument("--shape", default="64x64x8", help="volume H x W x Z (Z slices of H x W)")
@@ -109,13 +141,13 @@ def _count_flops(model: Any, images: Any, members: int, batch_size: int, precisi
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from medsegdiff.inference.sampler import _autocast
     from medsegdiff.nets.blocks import repeat_features
+    from medsegdiff.utils.runtime import autocast
 
     spc = max(1, batch_size // members)
     img = images[:spc]
     nm = min(members, batch_size)
-    with torch.inference_mode(), _autocast(images.device, precision):
+    with torch.inference_mode(), autocast(images.device, precision):
         with FlopCounterMode(display=False) as enc:
             feats = model.encode_image(img)
         feats = repeat_features(list(feats), nm)
@@ -142,6 +174,251 @@ def _time(fn: Any, device: Any) -> tuple[float, float | None]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The quality-vs-cost benchmark with ``--checkpoint``, else the synthetic speed benchmark."""
+    if getattr(args, "checkpoint", ""):
+        return run_quality(args)
+    return run_speed(args)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    from medsegdiff.errors import ConfigError
+
+    try:
+        values = [int(v) for v in text.replace(" ", ",").split(",") if v]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,2,5,10") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag} {text!r}: expected positive integers")
+    return values
+
+
+def respacing_for(spacing: str, nfe: int) -> str:
+    """The respacing string with ``nfe`` steps: ``trailingN``, ``ddimN`` or ``N``."""
+    return str(nfe) if spacing == "uniform" else f"{spacing}{nfe}"
+
+
+def _held_out_cases(checkpoint: Any, sources: list[Any], cases_arg: str) -> list[tuple[Any, str]]:
+    from pathlib import Path
+
+    from medsegdiff.data.splits import Splits
+    from medsegdiff.errors import DataError
+
+    available = [(s.manifest, c) for s in sources for c in s.case_ids]
+    if cases_arg:
+        return available  # already filtered by resolve_sources
+    ckpt = Path(checkpoint)
+    run_dir = ckpt if ckpt.is_dir() else ckpt.parent.parent
+    split_file = run_dir / "splits.json"
+    if not split_file.is_file():
+        raise DataError(f"{split_file}: no split next to the checkpoint; pass --cases with the held-out case ids")
+    test = set(Splits.load(split_file).test)
+    held = [(m, c) for m, c in available if c in test]
+    if not held:
+        raise DataError(f"{split_file}: none of its {len(test)} test cases is in --data; pass --cases")
+    return held
+
+
+def _score_case(pred: Any, manifest: Any, case_id: str, members: Any) -> dict[str, float]:
+    import numpy as np
+
+    from medsegdiff.inference import ensemble as ens
+    from medsegdiff.inference.export import to_native
+    from medsegdiff.inference.members import native_members
+    from medsegdiff.metrics.isles24 import case_metrics
+    from medsegdiff.metrics.uncertainty import uncertainty_metrics
+
+    case = manifest.case(case_id)
+    gt = case.native_mask() > 0
+    geo_c, geo_n = case.cache_geometry, case.native_geometry
+    prob = to_native(ens.combine_mean(members), geo_c, geo_n)
+    mask = prob >= pred.threshold
+    m = case_metrics(mask, gt, geo_n.voxel_volume_ml, pred.cfg.evaluation.iou_threshold, hd95=False)
+    row = {k: m[k] for k in ("dice", "lesion_f1", "avd_ml")}
+    if members.shape[0] > 1:
+        masks, brain = native_members(members, np.asarray(case.image, dtype=np.float32), pred.threshold, geo_c, geo_n)
+        unc = to_native(ens.uncertainty(members, pred.cfg.inference.uncertainty), geo_c, geo_n)
+        row.update(uncertainty_metrics(masks, prob, unc, mask, gt, brain))
+    return row
+
+
+def _reference_check(pred: Any, manifest: Any, case_id: str, sampler: str) -> float:
+    """Largest |batched - reference| probability on two slices, two members, a 2-step chain."""
+    import torch
+
+    from medsegdiff.data.datasets import SliceDataset
+    from medsegdiff.inference.sampler import sample_probabilities
+
+    images = SliceDataset(manifest, [case_id], context_slices=pred.cfg.data.context_slices).volume(case_id)[:2]
+    images = images.to(pred.device)
+    outs = [sample_probabilities(pred.model, pred.diffusion, images, members=2, sampler=sampler,
+                                 eta=pred.cfg.diffusion.eta, naive=naive, precision=pred.precision,
+                                 clip_denoised=pred.cfg.diffusion.clip_denoised,
+                                 generator=torch.Generator(device=pred.device).manual_seed(0))
+            for naive in (False, True)]
+    return float((outs[0] - outs[1]).abs().max())
+
+
+def run_quality(args: argparse.Namespace) -> dict[str, Any]:
+    """Dice / lesion F1 / AVD / uncertainty and seconds per volume for each sampler x NFE x ensemble size.
+
+    Raises:
+        ConfigError: bad lists, an unknown sampler, a respacing the schedule cannot make.
+        DataError / CheckpointError: see :func:`medsegdiff.inference.predict.Predictor.load`.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from medsegdiff.errors import ConfigError
+    from medsegdiff.inference.predict import Predictor, resolve_sources
+    from medsegdiff.inference.sampler import SAMPLERS
+    from medsegdiff.metrics.isles24 import summarize
+    from medsegdiff.metrics.uncertainty import UNCERTAINTY_KEYS
+
+    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    unknown = [s for s in samplers if s not in SAMPLERS]
+    if unknown:
+        raise ConfigError(f"--samplers: unknown {unknown[0]!r}; registered: {', '.join(SAMPLERS)}")
+    nfes, sizes = _int_list(args.nfe, "--nfe"), _int_list(args.ensembles, "--ensembles")
+    if not args.data:
+        raise ConfigError("bench sample --checkpoint needs --data (the cache or dataset with the held-out cases)")
+    out_dir = Path(args.out) if args.out else None
+    base = Predictor.load(args.checkpoint, args.override)
+    # raw data is prepared (with the checkpoint's settings) into <out>/_cache, or a temporary folder
+    work = out_dir if out_dir is not None else Path(tempfile.mkdtemp(prefix="medsegdiff_bench_sample_"))
+    case_filter = [c for c in args.cases.replace(",", " ").split() if c] or None
+    sources = resolve_sources(args.data, work, base.cfg, case_filter, progress=False)
+    cases = _held_out_cases(args.checkpoint, sources, args.cases)
+    if args.max_cases:
+        cases = cases[: args.max_cases]
+    result: dict[str, Any] = {
+        "checkpoint": str(args.checkpoint), "step": base.ckpt.get("step"), "device": str(base.device),
+        "precision": base.precision, "threshold": base.threshold, "threshold_source": base.threshold_source,
+        "spacing": args.spacing, "cases": [c for _, c in cases], "settings": [], "reference_check": {},
+    }
+    keys = ("dice", "lesion_f1", "avd_ml", *UNCERTAINTY_KEYS)
+    for sampler in samplers:
+        one_call = SAMPLERS[sampler].one_call
+        for nfe in ([1] if one_call else nfes):
+            # the one-step sampler uses the first timestep only: trailing1 makes it t = T - 1
+            respacing = respacing_for("trailing" if one_call else args.spacing, nfe)
+            for m in sizes:
+                overrides = [*args.override, f"inference.sampler={sampler}", f"inference.respacing={respacing}",
+                             f"inference.ensemble={m}"]
+                pred = Predictor(base.checkpoint, base.model, _with_overrides(base.cfg, overrides), base.ckpt,
+                                 overrides)
+                rows, seconds = [], []
+                for manifest, case_id in cases:
+                    t0 = time.perf_counter()
+                    members = pred.members(manifest, case_id)
+                    seconds.append(time.perf_counter() - t0)
+                    rows.append(_score_case(pred, manifest, case_id, members))
+                summary = summarize(rows, [k for k in keys if k in rows[0]])
+                entry = {"sampler": sampler, "nfe": nfe, "respacing": respacing, "members": m,
+                         "seconds_per_volume": round(float(np.mean(seconds)), 4),
+                         **{k: v["mean"] for k, v in summary.items()},
+                         "per_case": [{"case_id": c, **r} for (_, c), r in zip(cases, rows)]}
+                result["settings"].append(entry)
+                print(f"bench sample: {sampler} nfe={nfe} members={m}: dice {entry['dice']:.4f} "
+                      f"{entry['seconds_per_volume']:.2f} s/volume", file=sys.stderr)
+        check = Predictor(base.checkpoint, base.model, _with_overrides(base.cfg, [
+            *args.override, f"inference.respacing={respacing_for(args.spacing, 2)}"]), base.ckpt, [])
+        result["reference_check"][sampler] = _reference_check(check, cases[0][0], cases[0][1], sampler)
+    add_paired_differences(result["settings"], reference=("ddim", max(nfes)))
+    result["table"] = format_quality_table(result["settings"])
+    if out_dir is not None:
+        from medsegdiff.utils.io import atomic_write_json, atomic_write_text
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out_dir / "bench_sample.json", _finite(result))
+        atomic_write_text(out_dir / "bench_sample.txt", result["table"] + "\n")
+        plot_dice_vs_nfe(out_dir / "dice_vs_nfe.png", result["settings"])
+    return _finite(result)
+
+
+def add_paired_differences(settings: list[dict[str, Any]], reference: tuple[str, int]) -> None:
+    """Add ``dice_minus_reference``: the mean per-case Dice difference to ``reference`` (sampler, NFE).
+
+    Paired over cases and with the same ensemble size (the Done-when test of issue 13 compares
+    each sampler with DDIM at the largest NFE, e.g. 250). Settings without a reference get None.
+    """
+    import numpy as np
+
+    refs = {e["members"]: e for e in settings if (e["sampler"], e["nfe"]) == reference}
+    for e in settings:
+        ref = refs.get(e["members"])
+        if ref is None:
+            e["dice_minus_reference"] = None
+            continue
+        a = np.array([r["dice"] for r in e["per_case"]])
+        b = np.array([r["dice"] for r in ref["per_case"]])
+        e["dice_minus_reference"] = float(np.mean(a - b))
+    if settings:
+        settings[0].setdefault("reference", f"{reference[0]} at NFE {reference[1]}")
+
+
+def _with_overrides(cfg: Any, overrides: list[str]) -> Any:
+    from medsegdiff.inference.predict import apply_inference_overrides
+
+    return apply_inference_overrides(cfg, overrides)
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> None, recursively (strict JSON)."""
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def format_quality_table(settings: list[dict[str, Any]]) -> str:
+    """One line per (sampler, NFE, members): Dice, lesion F1, AVD, gain, AUROC, seconds per volume."""
+    cols = ("dice", "dice_minus_reference", "lesion_f1", "avd_ml", "ensemble_gain", "uncertainty_auroc",
+            "seconds_per_volume")
+    lines = [f"{'sampler':<10}{'nfe':>5}{'members':>8}" + "".join(f"{c:>21}" for c in cols)]
+    for e in settings:
+        cells = []
+        for c in cols:
+            v = e.get(c)
+            cells.append(f"{'-':>21}" if v is None or v != v else f"{v:>21.4f}")
+        lines.append(f"{e['sampler']:<10}{e['nfe']:>5}{e['members']:>8}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def plot_dice_vs_nfe(path: Any, settings: list[dict[str, Any]]) -> None:
+    """Dice vs NFE (log x), one line per sampler and ensemble size, written as PNG."""
+    import matplotlib  # optional plotting dependency, only for this figure
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medsegdiff.utils.io import atomic_write_with
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    groups: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    for e in settings:
+        groups.setdefault((e["sampler"], e["members"]), []).append((e["nfe"], e["dice"]))
+    for (sampler, m), pts in sorted(groups.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{sampler} x{m}")
+    ax.set_xscale("log")
+    ax.set_xlabel("network calls per member (NFE)")
+    ax.set_ylabel("Dice (held-out cases)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), suffix=".png")
+    plt.close(fig)
+
+
+def run_speed(args: argparse.Namespace) -> dict[str, Any]:
+    """Synthetic-model speed: batched fast path vs the naive reference path (seconds per volume)."""
     import resource
 
     import torch

@@ -10,7 +10,12 @@ from medsegdiff.config.base import option
 
 @dataclass
 class InferenceConfig:
-    respacing: str = option("", doc="override the diffusion respacing for prediction; empty = diffusion.respacing")
+    respacing: str | int = option(
+        "", doc="override the diffusion respacing for prediction: 'ddimN' (leading), 'trailingN' (ends at "
+        "t = T-1; use it for few steps), 'N' or 'a,b,c'; an integer N means 'N'; empty = diffusion.respacing")
+    sampler: Literal["", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m", "x0"] = option(
+        "", doc="sampler for prediction and validation: ddim (with diffusion.eta), ddpm (ancestral), dpmpp_2m / "
+        "dpmpp_3m (DPM-Solver++ multistep), x0 (one network call); empty = diffusion.sampler")
     ensemble: int = option(5, ge=1, doc="ensemble members per case")
     combine: Literal["mean", "vote", "staple"] = option(
         "mean", doc="ensemble combination: mean probability, majority vote (ties = lesion), or real STAPLE (EM)")
@@ -26,6 +31,13 @@ class InferenceConfig:
     batch_size: int = option(64, ge=1, doc="slices x members through the model at once (memory budget)")
     precision: Literal["auto", "fp32", "bf16"] = option("auto", doc="auto = bf16 on GPU, fp32 on CPU")
     overlays: bool = option(True, doc="write an overlay PNG per case")
+    write_members: bool = option(
+        True, doc="write <case>_members.npz (member masks + brain region, bit-packed) for the uncertainty metrics")
+
+    def validate(self, prefix: str) -> None:
+        # An integer respacing (YAML `respacing: 10`, override `inference.respacing=10`) means "10".
+        if isinstance(self.respacing, int):
+            self.respacing = str(self.respacing)
 
 
 @dataclass

@@ -9,7 +9,11 @@ Every reference case is scored with :func:`medsegdiff.metrics.isles24.case_metri
 prediction is scored as an empty mask, listed in the summary and reported on stderr. Outputs in
 ``out_dir`` (written atomically):
 
-* ``metrics.csv``: one row per case (``case_id``, ``missing_prediction``, then every metric).
+* ``metrics.csv``: one row per case (``case_id``, ``missing_prediction``, then every metric; the
+  uncertainty metrics of :mod:`medsegdiff.metrics.uncertainty` (ECE, Brier, ensemble gain,
+  member Dice, pairwise Dice, GED, uncertainty AUROC) as extra columns when the prediction folder
+  has ``<case>_members.npz``, ``<case>_prob.nii.gz`` and ``<case>_uncertainty.nii.gz``, as
+  ``medsegdiff predict`` writes for diffusion models; NaN for cases without them).
 * ``summary.json``: mean / std / median / n per metric, number of cases, missing and extra
   predictions, IoU threshold and connectivity.
 * ``volume_scatter.png``: predicted vs reference lesion volume (mL) with labelled axes, both from
@@ -32,7 +36,9 @@ import numpy as np
 
 from medsegdiff.data.discovery import discover_cases
 from medsegdiff.errors import DataError
+from medsegdiff.inference.members import members_path, read_members
 from medsegdiff.metrics.isles24 import METRIC_KEYS, OFFICIAL_METRICS, case_metrics, summarize
+from medsegdiff.metrics.uncertainty import UNCERTAINTY_KEYS, uncertainty_metrics
 from medsegdiff.utils.io import atomic_write_json, atomic_write_text
 from medsegdiff.utils.jsonable import json_safe
 
@@ -280,12 +286,16 @@ def evaluate(
             pred_mask, gt_mask, voxel_ml, iou_threshold,
             spacing=spacing[::-1], hd95=hd95, connectivity=connectivity,
         )
-        rows.append({"case_id": case_id, "missing_prediction": int(case_id in missing), **m})
+        extra = uncertainty_row(Path(pred_dir), case_id, pred_mask, gt_mask) if case_id in preds else {}
+        rows.append({"case_id": case_id, "missing_prediction": int(case_id in missing), **m, **extra})
+    if any(k in r for r in rows for k in UNCERTAINTY_KEYS):
+        rows = [{**dict.fromkeys(UNCERTAINTY_KEYS, math.nan), **r} for r in rows]
 
     # 3. outputs
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "metrics.csv", rows_to_csv(rows))
+    keys = (*METRIC_KEYS, *(k for k in UNCERTAINTY_KEYS if rows and k in rows[0]))
+    atomic_write_text(out_dir / "metrics.csv", rows_to_csv(rows, ("case_id", "missing_prediction", *keys)))
     vmax = write_volume_scatter(out_dir / "volume_scatter.png", rows) if rows else 0.0
     summary: dict[str, Any] = {
         "n_cases": len(rows),
@@ -297,21 +307,51 @@ def evaluate(
         "extra_predictions": extra,
         "pred_dir": str(pred_dir),
         "reference": str(gt),
-        "metrics": summarize(rows),
+        "metrics": summarize(rows, keys),
         "volume_scatter_max_ml": vmax,
     }
     atomic_write_json(out_dir / "summary.json", json_safe(summary))
     return {**summary, "cases": rows}
 
 
-def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
-    """Per-case rows as CSV text (columns :data:`CSV_COLUMNS`, floats with 10 significant digits)."""
+def uncertainty_row(pred_dir: Path, case_id: str, pred_mask: np.ndarray, gt_mask: np.ndarray) -> dict[str, float]:
+    """The uncertainty metrics of one case from ``predict``'s members, probability and uncertainty files.
+
+    Returns:
+        :data:`~medsegdiff.metrics.uncertainty.UNCERTAINTY_KEYS` values, or ``{}`` when a file is missing.
+
+    Raises:
+        DataError: files on another grid than the reference, or an unreadable members file.
+    """
+    import SimpleITK as sitk
+
+    paths = [members_path(pred_dir, case_id), pred_dir / f"{case_id}_prob.nii.gz",
+             pred_dir / f"{case_id}_uncertainty.nii.gz"]
+    if not all(p.is_file() for p in paths):
+        return {}
+    try:
+        members, brain = read_members(paths[0])
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"members file {paths[0]}: cannot be read ({err}); re-run `medsegdiff predict`") from None
+    from medsegdiff.data.loading import read_image
+
+    prob = sitk.GetArrayFromImage(read_image(paths[1]))
+    unc = sitk.GetArrayFromImage(read_image(paths[2]))
+    for name, arr in (("members", members[0]), ("brain", brain), ("probability", prob), ("uncertainty", unc)):
+        if arr.shape != gt_mask.shape:
+            raise DataError(f"{case_id}: {name} shape {arr.shape} differs from the reference {gt_mask.shape}; "
+                            "write predictions on the reference grid")
+    return uncertainty_metrics(members, prob, unc, pred_mask, gt_mask, brain)
+
+
+def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] = CSV_COLUMNS) -> str:
+    """Per-case rows as CSV text (``columns``, default :data:`CSV_COLUMNS`; floats with 10 significant digits)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(columns)
     for row in rows:
         cells = []
-        for col in CSV_COLUMNS:
+        for col in columns:
             v = row[col]
             cells.append(format(v, ".10g") if isinstance(v, float) else v)
         writer.writerow(cells)
@@ -325,6 +365,7 @@ def format_table(summary: dict[str, Any], keys: Sequence[str] = (*OFFICIAL_METRI
         f"missing predictions: {len(summary['missing_predictions'])}",
         f"{'metric':<18}{'mean':>10}{'std':>10}{'median':>10}",
     ]
+    keys = (*keys, *(k for k in UNCERTAINTY_KEYS if k in summary["metrics"] and k not in keys))
     for key in keys:
         s = summary["metrics"][key]
         lines.append(f"{key:<18}" + "".join(_fmt(s[k]) for k in ("mean", "std", "median")))

@@ -12,6 +12,8 @@ Per case the volume's slices and the ensemble members are sampled together
 (:mod:`~medsegdiff.inference.ensemble`), resampled to the native NCCT grid and thresholded
 (:mod:`~medsegdiff.inference.export`). Outputs in ``out_dir``: ``<case>.nii.gz`` (uint8 mask),
 ``<case>_prob.nii.gz``, ``<case>_uncertainty.nii.gz``, ``<case>_overlay.png``,
+``<case>_members.npz`` (member masks and brain region for ``evaluate``'s uncertainty metrics, see
+:mod:`~medsegdiff.inference.members`; diffusion models, ``inference.write_members``),
 ``predictions.csv`` and ``predict.json`` (what was run).
 """
 
@@ -280,7 +282,7 @@ class Predictor:
     def __init__(self, checkpoint: Path, model: Any, cfg: Any, ckpt: dict[str, Any], overrides: list[str]) -> None:
         from medsegdiff.diffusion.factory import build_diffusion
         from medsegdiff.inference.calibration import find_calibration
-        from medsegdiff.utils.runtime import resolve_device
+        from medsegdiff.utils.runtime import resolve_device, resolve_precision
 
         self.checkpoint, self.model, self.cfg, self.ckpt, self.overrides = checkpoint, model, cfg, ckpt, overrides
         override_keys = {o.split("=", 1)[0].strip() for o in overrides}
@@ -300,10 +302,7 @@ class Predictor:
 
             model = torch.compile(model)  # forward only; encode_image runs eagerly once per slice
         self.model = model
-        precision = inf.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        self.precision = precision
+        self.precision = resolve_precision(inf.precision, self.device)
         self.is_diffusion = bool(getattr(model, "is_diffusion", True))
         self.respacing = (inf.respacing or cfg.diffusion.respacing) if self.is_diffusion else ""
         # ConfigError (from the factory) for a respacing that cannot be built
@@ -340,11 +339,11 @@ class Predictor:
         """Sampled member probabilities of one cached case: float32 ``(M, Z, H, W)`` on the cache grid."""
         import torch
 
-        from medsegdiff.inference.sampler import sample_probabilities
+        from medsegdiff.inference.sampler import sample_probabilities, sampler_name
 
         cfg = self.cfg
         gen = torch.Generator(device=self.device).manual_seed(_case_seed(cfg.seed, case_id))
-        kwargs = dict(members=self.members_per_case, sampler=cfg.diffusion.sampler, eta=cfg.diffusion.eta,
+        kwargs = dict(members=self.members_per_case, sampler=sampler_name(cfg), eta=cfg.diffusion.eta,
                       batch_size=cfg.inference.batch_size, generator=gen, progress=progress,
                       precision=self.precision, clip_denoised=cfg.diffusion.clip_denoised, desc=case_id)
         if cfg.data.dims == 3:  # sliding 3-D patches, all sampled in one batched call, then stitched
@@ -365,7 +364,7 @@ class Predictor:
 
         Returns:
             ``prob_cache``, ``unc_cache`` ``(Z, H, W)``; ``prob_native``, ``unc_native``,
-            ``mask_native`` ``(Z, Y, X)``; ``mask_cache``.
+            ``mask_native`` ``(Z, Y, X)``; ``mask_cache``; ``members_cache`` ``(M, Z, H, W)``.
         """
         from medsegdiff.inference import ensemble as ens
         from medsegdiff.inference.export import to_native
@@ -384,6 +383,7 @@ class Predictor:
             "prob_native": prob_native,
             "unc_native": to_native(unc_cache, cache_geo, native_geo),
             "mask_native": ens.binarize(prob_native, self.threshold, inf.combine),
+            "members_cache": members,
         }
 
 
@@ -448,6 +448,12 @@ def predict(
         native_geo = case.native_geometry
         paths = export.write_case(out, case_id, mask=res["mask_native"], prob=res["prob_native"],
                                   uncertainty=res["unc_native"], native_geometry=native_geo)
+        if inf.write_members and pred.is_diffusion:  # for evaluate's uncertainty metrics
+            from medsegdiff.inference import members as mem
+
+            masks, brain = mem.native_members(res["members_cache"], np.asarray(case.image, dtype=np.float32),
+                                              pred.threshold, case.cache_geometry, native_geo)
+            mem.write_members(mem.members_path(out, case_id), masks, brain)
         if inf.overlays:
             export.write_overlay(export.output_paths(out, case_id)["overlay"],
                                  np.asarray(case.image[chan], dtype=np.float32), res["mask_cache"],

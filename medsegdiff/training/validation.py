@@ -91,7 +91,7 @@ class Validator:
 
     def probabilities(self, model: torch.nn.Module, case_id: str, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Ensemble mean and standard deviation of the lesion probability, each ``(Z, H, W)`` (cache grid)."""
-        from medsegdiff.inference.sampler import sample_probabilities
+        from medsegdiff.inference.sampler import sample_probabilities, sampler_name
         from medsegdiff.inference.windows import sample_windows
 
         vc = self.cfg.train.validation
@@ -101,7 +101,7 @@ class Validator:
         def sample(images: torch.Tensor) -> torch.Tensor:
             return sample_probabilities(
                 model, diffusion, images.to(self.dist.device), members=vc.ensemble,
-                sampler=self.cfg.diffusion.sampler, eta=self.cfg.diffusion.eta,
+                sampler=sampler_name(self.cfg), eta=self.cfg.diffusion.eta,
                 batch_size=self.cfg.inference.batch_size, generator=gen, precision=self.cfg.inference.precision,
                 clip_denoised=self.cfg.diffusion.clip_denoised,
             ).float().cpu()

@@ -34,6 +34,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def resolve_precision(precision: str, device: torch.device, key: str = "inference.precision") -> str:
+    """The one place where ``"auto"`` precision is decided: bf16 on CUDA, fp32 elsewhere.
+
+    Args:
+        precision: ``"auto"``, ``"fp32"`` or ``"bf16"``.
+        device: where the network runs.
+        key: the config key named in the error message.
+
+    Returns:
+        ``"fp32"`` or ``"bf16"``.
+
+    Raises:
+        ConfigError: any other value.
+    """
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"config key '{key}': got {precision!r}; allowed: auto, fp32, bf16")
+    return precision
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Autocast context for ``precision`` in {fp32, bf16, fp16} (fp16 only on CUDA)."""
     if precision == "fp32":

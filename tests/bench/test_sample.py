@@ -28,3 +28,50 @@ def test_bench_sample_bad_shape():
         _parse_shape("64x64")
     with pytest.raises(ConfigError, match="H and W must be equal"):
         _parse_shape("64x32x8")
+
+
+def test_bench_sample_quality_vs_nfe_on_the_test_split(tmp_path, capsys):
+    import torch
+
+    from medsegdiff.cli import main
+    from medsegdiff.config.base import to_dict
+    from medsegdiff.config.loader import config_from_dict
+    from medsegdiff.data.splits import Splits
+    from medsegdiff.data.synthetic import generate_dataset
+    from medsegdiff.nets.registry import build_model
+    from medsegdiff.training.checkpoint import save_checkpoint
+
+    raw = tmp_path / "raw"
+    ids = generate_dataset(raw, cases=3, seed=0)
+    cfg = config_from_dict({
+        "model": {"base_channels": 8, "channel_mult": [1, 2], "norm_groups": 4, "attention_resolutions": []},
+        "data": {"image_size": 16, "modalities": ["cbf", "tmax"], "prepare_workers": 1},
+        "inference": {"batch_size": 16},
+    })
+    torch.manual_seed(0)
+    state = build_model(cfg).state_dict()
+    run = tmp_path / "run"
+    ckpt = save_checkpoint(run / "checkpoints" / "best.pt", {"model": state, "ema": state, "step": 0,
+                                                             "config": to_dict(cfg)})
+    usable = sorted(ids)[:3]
+    Splits([usable[0]], [], usable[1:], {}).save(run / "splits.json")
+    out = tmp_path / "bench"
+    rc = main(["bench", "sample", "--checkpoint", str(ckpt), "--data", str(raw), "--samplers", "ddim,x0",
+               "--nfe", "1", "--ensembles", "1,2", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    test_cases = set(res["cases"])
+    assert test_cases and test_cases <= set(usable[1:])
+    got = {(e["sampler"], e["nfe"], e["members"]) for e in res["settings"]}
+    assert got == {("ddim", 1, 1), ("ddim", 1, 2), ("x0", 1, 1), ("x0", 1, 2)}
+    for e in res["settings"]:
+        assert 0.0 <= e["dice"] <= 1.0 and e["seconds_per_volume"] > 0 and len(e["per_case"]) == len(test_cases)
+        assert ("ensemble_gain" in e) == (e["members"] == 2)
+    # ddim at 1 trailing step is one call at t = T - 1, exactly the one-step x0 sampler
+    by = {(e["sampler"], e["nfe"], e["members"]): e for e in res["settings"]}
+    assert by[("ddim", 1, 2)]["dice"] == pytest.approx(by[("x0", 1, 2)]["dice"], abs=1e-9)
+    assert all(v < 1e-5 for v in res["reference_check"].values())
+    for name in ("bench_sample.json", "bench_sample.txt", "dice_vs_nfe.png"):
+        assert (out / name).stat().st_size > 0
+    assert "dpmpp" not in res["table"] and "ddim" in res["table"]
+    assert all(e["dice_minus_reference"] == pytest.approx(0.0) for e in res["settings"] if e["sampler"] == "ddim")

@@ -145,3 +145,51 @@ def test_volume_scatter_has_labelled_axes_and_legend(tmp_path):
     assert labels == ["identity (perfect agreement)", "scored case", "missing prediction (scored empty)"]
     png = sitk.ReadImage(str(tmp_path / "s.png")) if write_volume_scatter(tmp_path / "s.png", rows) else None
     assert png.GetNumberOfComponentsPerPixel() == 3 and min(png.GetSize()) >= 256
+
+
+def test_uncertainty_metrics_from_members_files(three_cases, tmp_path, write_mask):
+    """predict's members/prob/uncertainty files add the uncertainty columns; other cases get NaN."""
+    import csv
+    import math
+
+    import numpy as np
+
+    from medsegdiff.evaluation.evaluate import evaluate
+    from medsegdiff.inference.members import members_path, write_members
+    from medsegdiff.metrics.uncertainty import UNCERTAINTY_KEYS, uncertainty_metrics
+
+    pred_dir, gt_dir = three_cases
+    shape = (4, 5, 6)
+    gt = np.zeros(shape, bool)
+    gt[1:3, 1:3, 1:3] = True  # case 0001's reference == its prediction
+    members = np.stack([gt, gt, np.zeros(shape, bool)])
+    members[1, 0, 0, 0] = True
+    prob = members.mean(0).astype(np.float32)
+    unc = members.std(0).astype(np.float32)
+    brain = np.ones(shape, bool)
+    brain[3] = False
+    write_members(members_path(pred_dir, "sub-stroke0001"), members, brain)
+    write_mask(pred_dir / "sub-stroke0001_prob.nii.gz", prob, dtype=np.float32)
+    write_mask(pred_dir / "sub-stroke0001_uncertainty.nii.gz", unc, dtype=np.float32)
+
+    out = evaluate(pred_dir, gt_dir, tmp_path / "ev", hd95=False, progress=False)
+    rows = {r["case_id"]: r for r in out["cases"]}
+    expected = uncertainty_metrics(members, prob, unc, gt, gt, brain)
+    for key in UNCERTAINTY_KEYS:
+        v = rows["sub-stroke0001"][key]
+        assert (math.isnan(v) and math.isnan(expected[key])) or v == pytest.approx(expected[key])
+        assert math.isnan(rows["sub-stroke0002"][key])
+    # final mask == reference: the ensemble beats its members (one member empty, one with a false positive)
+    assert rows["sub-stroke0001"]["ensemble_gain"] == pytest.approx(1.0 - (1.0 + 2 * 8 / 17 + 0.0) / 3)
+    with open(tmp_path / "ev" / "metrics.csv") as f:
+        header = next(csv.reader(f))
+    assert header[-len(UNCERTAINTY_KEYS):] == list(UNCERTAINTY_KEYS)
+    assert out["metrics"]["ece"]["n"] == 1
+
+
+def test_no_uncertainty_columns_without_members_files(three_cases, tmp_path):
+    from medsegdiff.evaluation.evaluate import evaluate
+    from medsegdiff.metrics.uncertainty import UNCERTAINTY_KEYS
+
+    out = evaluate(*three_cases, tmp_path / "ev", hd95=False, progress=False)
+    assert not any(k in out["cases"][0] for k in UNCERTAINTY_KEYS) and "ece" not in out["metrics"]

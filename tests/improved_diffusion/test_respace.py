@@ -130,3 +130,25 @@ def test_timestep_map_tensor_built_once_per_device():
     rec = Recorder()
     d.ddim_sample_loop(rec, (1, 1, 2, 2), noise=torch.zeros(1, 1, 2, 2))
     assert d._map_cache[torch.device("cpu")] is m1
+
+
+def test_trailing_spacing_is_lin_et_al_table_2():
+    # Lin et al. 2023, Table 2: trailing = round(flip(arange(T, 0, -T / N))) - 1
+    assert sorted(space_timesteps(1000, "trailing10")) == [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
+    assert space_timesteps(1000, "trailing1") == {999}
+    # T=10, N=3: 10 - j * 10/3 = 10, 6.67, 3.33 -> rounded 10, 7, 3 -> minus one 9, 6, 2
+    assert sorted(space_timesteps(10, "trailing3")) == [2, 6, 9]
+    assert len(space_timesteps(1000, "trailing250")) == 250
+    assert max(space_timesteps(1000, "trailing7")) == 999
+
+
+def test_ddim1_is_accepted_and_keeps_t0():
+    assert space_timesteps(1000, "ddim1") == {0}
+    assert space_timesteps(100, "ddim100") == set(range(100))
+
+
+@pytest.mark.parametrize("spec, msg", [("trailing0", r"need 1 <= N <= 100"), ("trailing101", "need 1 <= N"),
+                                       ("trailingx", "expected 'trailingN' with an integer N")])
+def test_bad_trailing_specs(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        space_timesteps(100, spec)

@@ -253,3 +253,22 @@ def test_a_skipped_case_is_reported_once_with_the_stage_name(raw_root, checkpoin
     resolve_sources(cache, tmp_path / "out2", cfg, progress=False, stage="calibrate")
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith(f"medsegdiff calibrate: 1 case(s) of {cache} were skipped")
+
+
+def test_predict_writes_members_that_evaluate_scores(predicted, raw_root, tmp_path):
+    from medsegdiff.evaluation.evaluate import evaluate
+    from medsegdiff.inference.members import members_path, read_members
+    from medsegdiff.metrics.uncertainty import UNCERTAINTY_KEYS
+
+    out, written = predicted
+    for path in written:
+        cid = path.name[: -len(".nii.gz")]
+        members, brain = read_members(members_path(out, cid))
+        ref = _ncct(raw_root, cid)
+        assert members.shape == (2, *ref.GetSize()[::-1]) and brain.shape == members.shape[1:]
+        assert 0 < brain.sum() < brain.size  # the imaged tissue, not the whole grid
+        assert members.any()  # an untrained model marks plenty of voxels at threshold 0.5
+    result = evaluate(out, raw_root, tmp_path / "ev", hd95=False, progress=False)
+    for row in result["cases"]:
+        assert all(k in row for k in UNCERTAINTY_KEYS)
+        assert 0.0 <= row["brier"] <= 1.0 and 0.0 <= row["ece"] <= 1.0

@@ -152,3 +152,87 @@ def test_self_conditioned_model_gets_the_previous_estimate(tiny_model, tiny_diff
             x, prev = out["sample"], out["pred_xstart"]
         torch.testing.assert_close(fast[m], ((x[:, 0] + 1) / 2).clamp(0, 1), atol=1e-5, rtol=0)
         assert not torch.allclose(fast[m], ((zeros_only[:, 0] + 1) / 2).clamp(0, 1), atol=1e-4)
+
+
+ALL_SAMPLERS = [("ddim", 0.0), ("ddim", 0.8), ("ddpm", 0.0), ("dpmpp_2m", 0.0), ("dpmpp_3m", 0.0), ("x0", 0.0)]
+
+
+@pytest.mark.parametrize("sampler,eta", ALL_SAMPLERS)
+def test_every_sampler_batched_equals_member_by_member_and_reference(tiny_model, tiny_diffusion, sampler, eta):
+    images = _images(3)
+    kw = dict(sampler=sampler, eta=eta, members=3)
+    batched = sample_probabilities(tiny_model, tiny_diffusion, images, batch_size=4,
+                                   generator=torch.Generator().manual_seed(8), **kw)
+    one_by_one = sample_probabilities(tiny_model, tiny_diffusion, images, batch_size=1,
+                                      generator=torch.Generator().manual_seed(8), **kw)
+    reference = sample_probabilities(tiny_model, tiny_diffusion, images, naive=True,
+                                     generator=torch.Generator().manual_seed(8), **kw)
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched, reference, atol=1e-5, rtol=0)
+    assert (batched[0] - batched[1]).abs().max() > 1e-3  # members differ
+
+
+def test_registry_matches_the_config_choices():
+    from typing import get_args, get_type_hints
+
+    from medsegdiff.config.inference import InferenceConfig
+    from medsegdiff.inference.sampler import SAMPLERS
+
+    allowed = set(get_args(get_type_hints(InferenceConfig)["sampler"])) - {""}
+    assert allowed == set(SAMPLERS)
+
+
+def test_sampler_name_prefers_inference_sampler():
+    from medsegdiff.config.loader import config_from_dict
+    from medsegdiff.inference.sampler import sampler_name
+
+    assert sampler_name(config_from_dict({"diffusion": {"sampler": "ddpm"}})) == "ddpm"
+    assert sampler_name(config_from_dict({"diffusion": {"sampler": "ddpm"},
+                                          "inference": {"sampler": "dpmpp_2m"}})) == "dpmpp_2m"
+
+
+def test_x0_sampler_makes_one_network_call(parts):
+    class Counting(parts.TinyDenoiser):
+        calls = 0
+
+        def forward(self, *a, **kw):
+            type(self).calls += 1
+            return super().forward(*a, **kw)
+
+    torch.manual_seed(0)
+    model = Counting()
+    diffusion = parts.make_diffusion("trailing10")
+    out = sample_probabilities(model, diffusion, _images(2), members=2, sampler="x0", batch_size=4)
+    assert Counting.calls == 1 and out.shape == (2, 2, 8, 8)
+
+
+def test_self_conditioned_network_gets_previous_estimate_as_second_channel(parts):
+    class SelfCond(parts.TinyDenoiser):
+        self_condition = True
+
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Conv2d(2, 8, 3, padding=1)
+            self.second = []
+
+        def forward(self, x, timesteps, **kw):
+            assert x.shape[1] == 2
+            self.second.append(x[:, 1:].clone())
+            return super().forward(x, timesteps, **kw)
+
+    torch.manual_seed(0)
+    model = SelfCond()
+    diffusion = parts.make_diffusion("trailing3")
+    sample_probabilities(model, diffusion, _images(1), members=1, sampler="ddim")
+    assert len(model.second) == 3 and torch.equal(model.second[0], torch.zeros_like(model.second[0]))
+    assert model.second[1].abs().max() > 0 and model.second[1].abs().max() <= 1.0
+
+
+def test_precision_auto_resolved_in_one_place():
+    from medsegdiff.errors import ConfigError
+    from medsegdiff.utils.runtime import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    with pytest.raises(ConfigError, match="inference.precision.*allowed: auto, fp32, bf16"):
+        resolve_precision("fp8", torch.device("cpu"))
