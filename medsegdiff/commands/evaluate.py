@@ -7,6 +7,8 @@ import json
 
 from medsegdiff.commands import split_case_ids
 from medsegdiff.evaluation.evaluate import evaluate, format_table
+from medsegdiff.pipeline.lock import writing_into
+from medsegdiff.stages.meta import require_finished, run_of_predictions
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,18 +28,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
     p.add_argument("--cases", nargs="*", default=None, metavar="ID", help="score only these case ids (space- or comma-separated)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="score predictions made with a checkpoint of a run whose training did not finish")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = evaluate(
-        args.pred, args.gt, args.out,
-        iou_threshold=args.iou_threshold,
-        hd95=not args.no_hd95,
-        connectivity=args.connectivity,
-        cases=split_case_ids(args.cases),
-        progress=not args.no_progress,
-    )
+    require_finished(run_of_predictions(args.pred), allow_unfinished=args.allow_unfinished, what="evaluate")
+    with writing_into(args.out):  # the only writer of a run directory it writes into
+        summary = evaluate(
+            args.pred, args.gt, args.out,
+            iou_threshold=args.iou_threshold,
+            hd95=not args.no_hd95,
+            connectivity=args.connectivity,
+            cases=split_case_ids(args.cases),
+            progress=not args.no_progress,
+        )
     print(format_table(summary))
     if summary["missing_predictions"]:
         print("missing predictions (scored as empty): " + json.dumps(summary["missing_predictions"]))

@@ -6,6 +6,8 @@ import argparse
 
 from medsegdiff.commands import split_case_ids
 from medsegdiff.inference.predict import predict
+from medsegdiff.pipeline.lock import writing_into
+from medsegdiff.stages.meta import require_finished, run_of_checkpoint
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="raw dataset root, a case folder, or a prepared cache; repeat for more case folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--cases", default="", help="comma-separated case ids (default: all)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="use a checkpoint of a run whose training did not finish (meta.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="inference.* / diffusion.respacing|sampler|eta / device overrides, "
@@ -27,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cases = split_case_ids(args.cases)
     data = args.data[0] if len(args.data) == 1 else args.data
-    written = predict(args.checkpoint, data, args.out, overrides=args.overrides, cases=cases,
-                      progress=not args.no_progress)
+    require_finished(run_of_checkpoint(args.checkpoint), allow_unfinished=args.allow_unfinished, what="predict")
+    with writing_into(args.out):  # the only writer of a run directory it writes into
+        written = predict(args.checkpoint, data, args.out, overrides=args.overrides, cases=cases,
+                          progress=not args.no_progress)
     print(f"wrote {len(written)} case(s) to {args.out} (predictions.csv, predict.json)")
     return 0
