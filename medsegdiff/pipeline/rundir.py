@@ -352,10 +352,15 @@ def _write_run_dir(
     existing_meta = read_meta(rd) if rd.meta.is_file() else None
     if rd.config.is_file() and resume:
         old = load_config(rd.config)
-        if old.data.split.file == str(rd.splits) and not cfg.data.split.file:
-            # the pipeline pins the split it saved; that is not a change of settings
+        own_split = old.data.split.file in (str(rd.splits), str(Path(old.run_dir or path) / "splits.json"))
+        if own_split:
+            # the pipeline pins the split it saved (in this folder, or where the folder was before it
+            # was moved); that is not a change of settings
             old = dataclasses.replace(old, data=dataclasses.replace(
-                old.data, split=dataclasses.replace(old.data.split, file="")))
+                old.data, split=dataclasses.replace(old.data.split, file=str(rd.splits))))
+        if own_split and not cfg.data.split.file:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+                cfg.data, split=dataclasses.replace(cfg.data.split, file=str(rd.splits))))
         changed = changed_settings(cfg, old)
         breaking = [(k, v) for k, v in changed if k.split(".")[0] in RESUME_BREAKING]
         if breaking:
@@ -365,11 +370,10 @@ def _write_run_dir(
                 "drop --resume to start a new run or use the saved settings"
             )
         # keep the data the run was prepared with (cache folder, saved split)
-        saved = load_config(rd.config).data
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data,
-            cache_dir=cfg.data.cache_dir or saved.cache_dir,
-            split=dataclasses.replace(cfg.data.split, file=cfg.data.split.file or saved.split.file),
+            cache_dir=cfg.data.cache_dir or old.data.cache_dir,
+            split=dataclasses.replace(cfg.data.split, file=cfg.data.split.file or old.data.split.file),
         ))
         if changed:
             logger.warning("resuming %s with changed settings: %s", path,
