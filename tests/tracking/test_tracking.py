@@ -207,3 +207,20 @@ def test_progress_tracker_advances_to_the_logged_step_and_forwards(tmp_path):
     inner.log({"after": 1}, step=41)  # closing the bar leaves the tracker open
     inner.finish()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [20, 20, 40, 41]
+
+
+def test_truncate_metrics_drops_later_steps_and_torn_lines_in_place(tmp_path):
+    from medsegdiff.tracking.jsonl import JsonlTracker, read_metrics, truncate_metrics
+
+    assert truncate_metrics(tmp_path / "missing.jsonl", 3) == 0
+    tracker = JsonlTracker(tmp_path)
+    for step in (1, 2, 3, 4, 5):
+        tracker.log({"train/loss": 1.0 / step}, step=step)
+    tracker._fh.write('{"step": 6, "train/lo')  # a line torn by kill -9
+    tracker._fh.flush()
+    assert truncate_metrics(tracker.path, 3) == 3
+    assert [r["step"] for r in read_metrics(tracker.path)] == [1, 2, 3]
+    tracker.log({"train/loss": 0.25}, step=4)  # the open (append) handle keeps writing to the same file
+    tracker.finish()
+    assert [r["step"] for r in read_metrics(tracker.path)] == [1, 2, 3, 4]
+    assert truncate_metrics(tracker.path, 10) == 0
