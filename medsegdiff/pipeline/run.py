@@ -98,6 +98,11 @@ def _prepare_stage(cfg: ExperimentConfig, rd: RunDir, rank: int, progress: bool)
     return with_data_paths(cfg, cache_dir_for(cfg, Path(cfg.data.root)), rd.splits)
 
 
+def _scoring(stages: Sequence[str]) -> str:
+    """``"predict/evaluate"``: the stages that need a finished training (for the refusal message)."""
+    return "/".join(s for s in stages if s in ("predict", "evaluate"))
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     reference: ExperimentConfig | None = None,
@@ -135,7 +140,7 @@ def run_experiment(
     if "train" not in stages and rank == 0 and ("predict" in stages or "evaluate" in stages):
         # refuse an unfinished run before its meta.json and config.yaml are touched
         require_finished(resolve_run_dir(cfg, reference, resume=True), allow_unfinished=allow_unfinished,
-                         what="/".join(s for s in stages if s in ("predict", "evaluate")))
+                         what=_scoring(stages))
     rd, cfg = init_shared_run_dir(cfg, reference, resume=reuse, overwrite=overwrite, command=command)
     try:
         return _run_stages(cfg, rd, stages, resume=resume, allow_unfinished=allow_unfinished, progress=progress,
@@ -170,8 +175,7 @@ def _run_stages(cfg: ExperimentConfig, rd: RunDir, stages: list[str], *, resume:
                 return result
             # ---- calibrate + predict, evaluate (rank 0), only with a finished training
             if "predict" in stages or "evaluate" in stages:
-                require_finished(rd, allow_unfinished=allow_unfinished, what="/".join(
-                    s for s in stages if s in ("predict", "evaluate")))
+                require_finished(rd, allow_unfinished=allow_unfinished, what=_scoring(stages))
             if "predict" in stages:
                 ckpt = best_checkpoint(rd)
                 if cfg.inference.calibrate:
