@@ -276,6 +276,8 @@ def _open_new(cfg: ExperimentConfig, reference: ExperimentConfig | None, command
     """Lock a folder for a new run: ``cfg.run_dir`` (must hold nothing) or the first free derived name."""
     if cfg.run_dir:
         path = Path(cfg.run_dir)
+        if has_content(path):
+            raise _refuse_reuse(path)
         lock.acquire(path, command)
         if has_content(path):  # filled by someone between the check and the lock
             lock.release(path)
