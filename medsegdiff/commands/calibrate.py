@@ -6,13 +6,16 @@ import argparse
 from pathlib import Path
 
 from medsegdiff.commands import split_case_ids
+from medsegdiff.pipeline.lock import writing_into
 from medsegdiff.stages.calibrate import calibrate_checkpoint, validation_cases
+from medsegdiff.stages.meta import require_finished, run_of_checkpoint
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = ("Samples the cases with the checkpoint's settings, sweeps thresholds 0.05..0.95 on the native grid, "
-                "and writes <run>/calibration.json, which `medsegdiff predict` then applies "
-                "(unless inference.use_calibrated_threshold=false).")
+                "and adds the threshold to <run>/calibration.json with those settings (sampler, respacing, ensemble, "
+                "combination...); `medsegdiff predict` applies it only with the same settings (unless "
+                "inference.use_calibrated_threshold=false). Calibrations under other settings are kept.")
     p.add_argument("--checkpoint", required=True, help="a checkpoints/*.pt file or a run directory (its best.pt)")
     p.add_argument("--data", required=True, action="append", metavar="PATH",
                    help="prepared cache or raw dataset root (cases need reference masks)")
@@ -20,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated case ids; default: the checkpoint run's validation split "
                         "(splits.json), else all cases")
     p.add_argument("--run-dir", default=None, help="where calibration.json goes (default: the checkpoint's run)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="calibrate a checkpoint of a run whose training did not finish (meta.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="prediction-time overrides as for `predict` (e.g. inference.ensemble=3)")
@@ -31,8 +36,10 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else ckpt_run
     cases = split_case_ids(args.cases) or validation_cases(ckpt_run)
     data = args.data[0] if len(args.data) == 1 else args.data
-    best, table, path = calibrate_checkpoint(ckpt, data, cases, overrides=args.overrides, run_dir=run_dir,
-                                             progress=not args.no_progress)
+    require_finished(run_of_checkpoint(ckpt), allow_unfinished=args.allow_unfinished, what="calibrate")
+    with writing_into(run_dir):  # the only writer of a run directory it writes into
+        best, table, path = calibrate_checkpoint(ckpt, data, cases, overrides=args.overrides, run_dir=run_dir,
+                                                 progress=not args.no_progress)
     row = next(r for r in table if abs(r["threshold"] - best) < 1e-12)
     dice, n = row["mean_dice"], len(cases) if cases else "all"
     print(f"best threshold {best:.2f} (mean Dice {dice:.3f} on {n} cases); "

@@ -7,6 +7,8 @@ import json
 
 from medsegdiff.commands import split_case_ids
 from medsegdiff.evaluation.evaluate import evaluate, format_table
+from medsegdiff.pipeline.lock import writing_into
+from medsegdiff.stages.meta import require_finished, run_of_predictions
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,19 +30,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=None, metavar="T",
                    help="score predictions as value > T (probability maps); default: predictions must be binary masks")
     p.add_argument("--cases", nargs="*", default=None, metavar="ID", help="score only these case ids (space- or comma-separated)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="score predictions made with a checkpoint of a run whose training did not finish")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = evaluate(
-        args.pred, args.gt, args.out,
-        iou_threshold=args.iou_threshold,
-        hd95=not args.no_hd95,
-        connectivity=args.connectivity,
-        cases=split_case_ids(args.cases),
-        progress=not args.no_progress,
-        threshold=args.threshold,
-    )
+    require_finished(run_of_predictions(args.pred), allow_unfinished=args.allow_unfinished, what="evaluate")
+    with writing_into(args.out):  # the only writer of a run directory it writes into
+        summary = evaluate(
+            args.pred, args.gt, args.out,
+            iou_threshold=args.iou_threshold,
+            hd95=not args.no_hd95,
+            connectivity=args.connectivity,
+            cases=split_case_ids(args.cases),
+            progress=not args.no_progress,
+            threshold=args.threshold,
+        )
     print(format_table(summary))
     if summary["missing_predictions"]:
         print("missing predictions (scored as empty): " + json.dumps(summary["missing_predictions"]))

@@ -6,6 +6,8 @@ import argparse
 
 from medsegdiff.commands import split_case_ids
 from medsegdiff.inference.predict import predict
+from medsegdiff.pipeline.lock import writing_into
+from medsegdiff.stages.meta import require_finished, run_of_checkpoint
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cases", nargs="*", default=None, metavar="ID",
                    help="case ids, space- or comma-separated; 'all' = every case (default: the checkpoint's "
                         "test split when the data holds it, else every case)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="use a checkpoint of a run whose training did not finish (meta.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="inference.* / diffusion.respacing|sampler|eta / device overrides, "
@@ -32,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *(c for c in given if "=" in c)]
     cases = split_case_ids([c for c in given if "=" not in c]) if args.cases is not None else None
     data = args.data[0] if len(args.data) == 1 else args.data
-    written = predict(args.checkpoint, data, args.out, overrides=overrides, cases=cases,
-                      progress=not args.no_progress)
+    require_finished(run_of_checkpoint(args.checkpoint), allow_unfinished=args.allow_unfinished, what="predict")
+    with writing_into(args.out):  # the only writer of a run directory it writes into
+        written = predict(args.checkpoint, data, args.out, overrides=overrides, cases=cases,
+                          progress=not args.no_progress)
     print(f"wrote {len(written)} case(s) to {args.out} (predictions.csv, predict.json)")
     return 0

@@ -20,6 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--resume", action="store_true",
                    help="continue the newest run directory of this config from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start anew in the run directory this run would reuse; the old one is moved aside to "
+                        "<dir>.old-<time> (never deleted)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="predict/evaluate even if the run's training did not finish (meta.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="show INFO log messages on the console")
 
@@ -29,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     stages = parse_stages(args.stages)
     reference = load_config(args.experiment)
     cfg = load_config(args.experiment, args.overrides)
-    run_experiment(cfg, reference, stages=stages, resume=args.resume,
+    run_experiment(cfg, reference, stages=stages, resume=args.resume, overwrite=args.overwrite,
+                   allow_unfinished=args.allow_unfinished,
                    command=["medsegdiff", *sys.argv[1:]], progress=not args.no_progress)
     return 0

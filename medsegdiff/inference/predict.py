@@ -276,12 +276,15 @@ class Predictor:
         diffusion: the respaced diffusion (None for the discriminative baseline).
         respacing, members, device, precision: what sampling uses.
         threshold, threshold_source: the probability threshold and where it came from
-            (a ``calibration.json``, the checkpoint's ``calibration`` entry, or ``inference.threshold``).
+            (a ``calibration.json`` made with the same settings, the checkpoint's ``calibration`` entry,
+            or ``inference.threshold``).
+        calibration_settings: the settings a calibrated threshold must match
+            (:func:`~medsegdiff.inference.calibration.calibration_settings`).
     """
 
     def __init__(self, checkpoint: Path, model: Any, cfg: Any, ckpt: dict[str, Any], overrides: list[str]) -> None:
         from medsegdiff.diffusion.factory import build_diffusion
-        from medsegdiff.inference.calibration import find_calibration
+        from medsegdiff.inference.calibration import calibration_settings, find_calibration
         from medsegdiff.utils.runtime import resolve_device, resolve_precision
 
         self.checkpoint, self.model, self.cfg, self.ckpt, self.overrides = checkpoint, model, cfg, ckpt, overrides
@@ -309,8 +312,10 @@ class Predictor:
         self.diffusion = build_diffusion(cfg.diffusion, self.respacing) if self.is_diffusion else None
         self.members_per_case = inf.ensemble if self.is_diffusion else 1
         self.threshold, self.threshold_source = float(inf.threshold), "inference.threshold"
+        # what a calibrated threshold must have been found with (inference.calibration)
+        self.calibration_settings = calibration_settings(cfg, respacing=self.respacing, members=self.members_per_case)
         if inf.use_calibrated_threshold:
-            found = find_calibration(checkpoint, ckpt)
+            found = find_calibration(checkpoint, ckpt, settings=self.calibration_settings)
             if found is not None:
                 self.threshold, self.threshold_source = found
 

@@ -10,8 +10,10 @@ Stages, in order (each can be run alone with ``stages=``), each one function of 
 4. ``evaluate`` - :func:`medsegdiff.stages.evaluate.evaluate`: the model AND the official Tmax > 9 s
    baseline on the same cases; the comparison is printed, saved (``results.json``) and logged.
 
-Under torchrun every rank calls :func:`run_experiment`; rank 0 prepares the data and creates the run
-directory, all ranks train, rank 0 predicts and evaluates.
+Under torchrun every rank calls :func:`run_experiment`; rank 0 prepares the data, creates the run
+directory and holds its lock (:mod:`medsegdiff.pipeline.lock`), all ranks train, rank 0 predicts and
+evaluates. ``predict`` and ``evaluate`` refuse a run whose training did not finish
+(:func:`medsegdiff.stages.meta.require_finished`) unless ``allow_unfinished``.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from typing import Any
 from medsegdiff.config import ExperimentConfig, save_config
 from medsegdiff.errors import ConfigError, DataError
 from medsegdiff.pipeline.report import format_table, log_results, print_locations
-from medsegdiff.pipeline.rundir import finish_meta, init_shared_run_dir
+from medsegdiff.pipeline.rundir import finish_meta, init_shared_run_dir, release_run_dir, resolve_run_dir
 from medsegdiff.stages.calibrate import calibrate
 from medsegdiff.stages.evaluate import evaluate
 from medsegdiff.stages.layout import RunDir
+from medsegdiff.stages.meta import require_finished
 from medsegdiff.stages.predict import best_checkpoint, predict
 from medsegdiff.stages.prepare import cache_dir_for, check_data_root, prepare
 from medsegdiff.stages.train import train
@@ -95,12 +98,19 @@ def _prepare_stage(cfg: ExperimentConfig, rd: RunDir, rank: int, progress: bool)
     return with_data_paths(cfg, cache_dir_for(cfg, Path(cfg.data.root)), rd.splits)
 
 
+def _scoring(stages: Sequence[str]) -> str:
+    """``"predict/evaluate"``: the stages that need a finished training (for the refusal message)."""
+    return "/".join(s for s in stages if s in ("predict", "evaluate"))
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     reference: ExperimentConfig | None = None,
     *,
     stages: Sequence[str] | str | None = None,
     resume: bool = False,
+    overwrite: bool = False,
+    allow_unfinished: bool = False,
     command: Sequence[str] | None = None,
     progress: bool = True,
     tracker_factory: Callable[[ExperimentConfig, Path], Any] | None = None,
@@ -112,6 +122,9 @@ def run_experiment(
         reference: the experiment file without overrides (for the run-directory name).
         stages: subset of :data:`STAGES`; a run without ``train`` reuses the existing run directory.
         resume: continue the newest run directory of this config from its latest checkpoint.
+        overwrite: start anew in the folder a run would reuse; the old one is moved aside
+            (:func:`medsegdiff.pipeline.rundir.init_run_dir`).
+        allow_unfinished: predict/evaluate a run whose training did not finish.
         command: the command line recorded in ``meta.json``.
         progress: progress bars.
         tracker_factory: ``(cfg, run_dir) -> Tracker``; default :func:`medsegdiff.tracking.make_tracker`.
@@ -124,10 +137,23 @@ def run_experiment(
     rank = env_rank()
     if "prepare" in stages and rank == 0:
         check_data_root(cfg)  # before a run directory is made for nothing
-    rd, cfg = init_shared_run_dir(cfg, reference, resume=reuse, command=command)
+    if "train" not in stages and rank == 0 and ("predict" in stages or "evaluate" in stages):
+        # refuse an unfinished run before its meta.json and config.yaml are touched
+        require_finished(resolve_run_dir(cfg, reference, resume=True), allow_unfinished=allow_unfinished,
+                         what=_scoring(stages))
+    rd, cfg = init_shared_run_dir(cfg, reference, resume=reuse, overwrite=overwrite, command=command)
+    try:
+        return _run_stages(cfg, rd, stages, resume=resume, allow_unfinished=allow_unfinished, progress=progress,
+                           tracker_factory=tracker_factory or make_tracker)
+    finally:
+        release_run_dir(rd)
+
+
+def _run_stages(cfg: ExperimentConfig, rd: RunDir, stages: list[str], *, resume: bool, allow_unfinished: bool,
+                progress: bool, tracker_factory: Callable[[ExperimentConfig, Path], Any]) -> PipelineResult:
+    rank = env_rank()
     result = PipelineResult(run_dir=rd.root, stages=stages, cfg=cfg)
     say(f"[run] {rd.root}")
-    tracker_factory = tracker_factory or make_tracker
     status = "failed"
     with log_to_file(rd.logs / ("run.log" if rank == 0 else f"run.rank{rank}.log")):
         tracker = tracker_factory(cfg, rd.root)
@@ -147,7 +173,9 @@ def run_experiment(
             if rank != 0:
                 status = "done"
                 return result
-            # ---- calibrate + predict, evaluate (rank 0)
+            # ---- calibrate + predict, evaluate (rank 0), only with a finished training
+            if "predict" in stages or "evaluate" in stages:
+                require_finished(rd, allow_unfinished=allow_unfinished, what=_scoring(stages))
             if "predict" in stages:
                 ckpt = best_checkpoint(rd)
                 if cfg.inference.calibrate:

@@ -16,7 +16,16 @@ Layout (``<run_root>/<name>/``)::
 
 The name is ``<experiment name>-<settings that differ from the experiment file>-<hash>``, e.g.
 ``quickstart-model.name=medsegdiff_v2-optim.lr=0.0003-3f9a1c``. It is deterministic for the same
-resolved config; an existing folder gets a ``-2``, ``-3``... suffix unless the run is resumed.
+resolved config.
+
+Nothing is clobbered (:func:`init_run_dir`):
+
+* a new run never reuses a folder that holds something: a derived name gets the next free ``-2``,
+  ``-3``... suffix; a ``run_dir`` named explicitly is refused (exit 2) unless the run is resumed;
+* ``overwrite`` (``--overwrite``) moves the old folder aside to ``<folder>.old-<UTC time>`` (never
+  deletes it) and starts afresh in its place;
+* the writing process holds the folder's exclusive lock (:mod:`medsegdiff.pipeline.lock`) until
+  :func:`release_run_dir`; a second writer stops with one line naming the holder.
 """
 
 from __future__ import annotations
@@ -39,9 +48,11 @@ from pathlib import Path
 from typing import Any
 
 from medsegdiff.config import ExperimentConfig, load_config, save_config, to_dict
-from medsegdiff.errors import CheckpointError
+from medsegdiff.errors import CheckpointError, ConfigError
+from medsegdiff.pipeline import lock
 from medsegdiff.stages.layout import RunDir
-from medsegdiff.utils.console import env_rank
+from medsegdiff.stages.meta import now_iso, read_meta, update_meta
+from medsegdiff.utils.console import env_rank, say
 from medsegdiff.utils.io import atomic_write_json
 
 # Keys that do not change what a run computes: left out of the name and of the hash.
@@ -154,26 +165,68 @@ def latest_existing(run_root: Path, name: str) -> Path | None:
         found = cand
 
 
+def has_content(path: Path) -> bool:
+    """True when ``path`` is a folder holding anything but its lock file (a run lives there)."""
+    if not path.is_dir():
+        return path.exists()
+    return any(p.name != lock.LOCK_FILE for p in path.iterdir())
+
+
+def _refuse_reuse(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: run directory already holds a run; add --resume to continue it, --overwrite to move it "
+        f"aside (to {path.name}.old-<time>) and start a new run there, or choose another run_dir"
+    )
+
+
 def resolve_run_dir(
-    cfg: ExperimentConfig, reference: ExperimentConfig | None = None, *, resume: bool = False
+    cfg: ExperimentConfig, reference: ExperimentConfig | None = None, *, resume: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Where the run lives: ``cfg.run_dir`` if set, else ``<run_root>/<run_name>`` (made unique).
 
-    With ``resume`` the newest existing folder of that name is reused (a fresh one if none).
-    Nothing is created.
+    With ``resume`` the newest existing folder of that name is reused (a fresh one if none); with
+    ``overwrite`` it is the folder to replace. Without either, a derived name skips every folder that
+    holds something. Nothing is created.
+
+    Raises:
+        CheckpointError: an explicit ``run_dir`` that already holds a run, without resume/overwrite.
     """
     if cfg.run_dir:
-        return Path(cfg.run_dir)
+        path = Path(cfg.run_dir)
+        if not resume and not overwrite and has_content(path):
+            raise _refuse_reuse(path)
+        return path
     root = Path(cfg.run_root)
     name = run_name(cfg, reference)
-    if resume:
+    if resume or overwrite:
         existing = latest_existing(root, name)
         if existing is not None:
             return existing
     for cand in _candidates(root, name):
-        if not cand.exists():
+        if not has_content(cand):
             return cand
     raise AssertionError("unreachable")
+
+
+def move_aside(path: Path, command: Sequence[str] | None = None) -> Path:
+    """Rename run directory ``path`` to ``<path>.old-<UTC time>`` (``-2``... if taken), under its lock.
+
+    Raises:
+        CheckpointError: another process holds the folder's lock.
+    """
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{path.name}.old-{stamp}")
+    i = 2
+    while target.exists():
+        target = path.with_name(f"{path.name}.old-{stamp}-{i}")
+        i += 1
+    lock.acquire(path, command)  # nobody may be writing the folder we move
+    try:
+        path.rename(target)
+    finally:
+        lock.release(path)
+    return target
 
 
 def _git(args: Sequence[str], cwd: Path) -> str | None:
@@ -219,40 +272,97 @@ def collect_meta(command: Sequence[str] | None = None) -> dict[str, Any]:
     }
 
 
+def _open_new(cfg: ExperimentConfig, reference: ExperimentConfig | None, command: Sequence[str] | None) -> Path:
+    """Lock a folder for a new run: ``cfg.run_dir`` (must hold nothing) or the first free derived name."""
+    if cfg.run_dir:
+        path = Path(cfg.run_dir)
+        if has_content(path):
+            raise _refuse_reuse(path)
+        lock.acquire(path, command)
+        if has_content(path):  # filled by someone between the check and the lock
+            lock.release(path)
+            raise _refuse_reuse(path)
+        return path
+    root, name = Path(cfg.run_root), run_name(cfg, reference)
+    for cand in _candidates(root, name):
+        if has_content(cand):
+            continue
+        try:
+            lock.acquire(cand, command)
+        except CheckpointError:  # another new run is just starting there: take the next name
+            continue
+        if not has_content(cand):
+            return cand
+        lock.release(cand)
+    raise AssertionError("unreachable")
+
+
 def init_run_dir(
     cfg: ExperimentConfig,
     reference: ExperimentConfig | None = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     command: Sequence[str] | None = None,
 ) -> tuple[RunDir, ExperimentConfig]:
-    """Create (or reopen) the run directory and write ``config.yaml`` and ``meta.json``.
+    """Create (or reopen) the run directory, take its lock, and write ``config.yaml`` and ``meta.json``.
 
     The saved config has ``run_dir`` set to the folder, so ``medsegdiff run <dir>/config.yaml
-    --resume`` continues that exact run.
+    --resume`` continues that exact run. The lock is held until :func:`release_run_dir` (or the
+    process ends).
+
+    Args:
+        cfg, reference: the resolved config and the experiment file without overrides (for the name).
+        resume: reuse the folder (``cfg.run_dir`` or the newest of the derived name).
+        overwrite: replace the folder a run would reuse; the old one is moved aside, never deleted.
+        command: the command line recorded in ``meta.json`` and the lock.
 
     Returns:
         The :class:`RunDir` and the config with ``run_dir`` filled in.
 
     Raises:
-        CheckpointError: when resuming a folder whose saved config differs in a setting that
-            affects the result.
+        CheckpointError: the folder is locked by another process; an explicit ``run_dir`` holds a run
+            and neither ``resume`` nor ``overwrite`` is given; resuming a folder whose saved config
+            differs in a setting that affects the result.
+        ConfigError: ``resume`` and ``overwrite`` together.
     """
-    path = resolve_run_dir(cfg, reference, resume=resume)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    if overwrite:
+        target = resolve_run_dir(cfg, reference, overwrite=True)
+        if has_content(target):
+            moved = move_aside(target, command)
+            say(f"[run] --overwrite: moved the old {target} aside to {moved}")
+        cfg = dataclasses.replace(cfg, run_dir=str(target))
+    if resume:
+        path = resolve_run_dir(cfg, reference, resume=True)
+        lock.acquire(path, command)
+    else:
+        path = _open_new(cfg, reference, command)
+    try:
+        return _write_run_dir(cfg, path, resume=resume, command=command)
+    except BaseException:
+        lock.release(path)
+        raise
+
+
+def _write_run_dir(
+    cfg: ExperimentConfig, path: Path, *, resume: bool, command: Sequence[str] | None
+) -> tuple[RunDir, ExperimentConfig]:
     cfg = dataclasses.replace(cfg, run_dir=str(path))
     rd = RunDir(path)
-    existing_meta = None
-    if rd.meta.is_file():
-        try:
-            existing_meta = json.loads(rd.meta.read_text())
-        except (OSError, json.JSONDecodeError):
-            existing_meta = None
+    existing_meta = read_meta(rd) if rd.meta.is_file() else None
     if rd.config.is_file() and resume:
         old = load_config(rd.config)
-        if old.data.split.file == str(rd.splits) and not cfg.data.split.file:
-            # the pipeline pins the split it saved; that is not a change of settings
+        own_split = old.data.split.file in (str(rd.splits), str(Path(old.run_dir or path) / "splits.json"))
+        if own_split:
+            # the pipeline pins the split it saved (in this folder, or where the folder was before it
+            # was moved); that is not a change of settings
             old = dataclasses.replace(old, data=dataclasses.replace(
-                old.data, split=dataclasses.replace(old.data.split, file="")))
+                old.data, split=dataclasses.replace(old.data.split, file=str(rd.splits))))
+        if own_split and not cfg.data.split.file:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+                cfg.data, split=dataclasses.replace(cfg.data.split, file=str(rd.splits))))
         changed = changed_settings(cfg, old)
         breaking = [(k, v) for k, v in changed if k.split(".")[0] in RESUME_BREAKING]
         if breaking:
@@ -262,11 +372,10 @@ def init_run_dir(
                 "drop --resume to start a new run or use the saved settings"
             )
         # keep the data the run was prepared with (cache folder, saved split)
-        saved = load_config(rd.config).data
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data,
-            cache_dir=cfg.data.cache_dir or saved.cache_dir,
-            split=dataclasses.replace(cfg.data.split, file=cfg.data.split.file or saved.split.file),
+            cache_dir=cfg.data.cache_dir or old.data.cache_dir,
+            split=dataclasses.replace(cfg.data.split, file=cfg.data.split.file or old.data.split.file),
         ))
         if changed:
             logger.warning("resuming %s with changed settings: %s", path,
@@ -274,7 +383,7 @@ def init_run_dir(
     rd.make()
     save_config(cfg, rd.config)
     meta = collect_meta(command)
-    if existing_meta is not None:
+    if existing_meta:
         existing_meta.setdefault("resumed", []).append(
             {"started": meta["started"], "command": meta["command"], "git": meta["git"]}
         )
@@ -283,17 +392,18 @@ def init_run_dir(
     return rd, cfg
 
 
+def release_run_dir(rd: RunDir) -> None:
+    """Give back the run directory's lock taken by :func:`init_run_dir` (no-op when not held)."""
+    lock.release(rd.root)
+
+
 def finish_meta(rd: RunDir, **fields: Any) -> None:
     """Add end-of-run fields (``finished`` time, ``status``...) to ``meta.json``."""
-    try:
-        meta = json.loads(rd.meta.read_text())
-    except (OSError, json.JSONDecodeError):
-        meta = {}
-    meta["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    meta = read_meta(rd)
+    extra: dict[str, Any] = {"finished": now_iso()}
     if "start_time" in meta:
-        meta["duration_s"] = round(time.time() - float(meta["start_time"]), 1)
-    meta.update(fields)
-    atomic_write_json(rd.meta, meta)
+        extra["duration_s"] = round(time.time() - float(meta["start_time"]), 1)
+    update_meta(rd, **extra, **fields)
 
 
 # --------------------------------------------------------------------------- distributed
@@ -317,31 +427,33 @@ def init_shared_run_dir(
     reference: ExperimentConfig | None = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     command: Sequence[str] | None = None,
     timeout_s: float = 600.0,
 ) -> tuple[RunDir, ExperimentConfig]:
     """:func:`init_run_dir` that gives every rank of a distributed launch the same folder.
 
-    Rank 0 creates the folder and marks it with the launch id; the other ranks wait for the
-    folder carrying their launch id (so the uniqueness suffix cannot differ between ranks).
+    Rank 0 creates the folder, holds its lock and marks it with the launch id; the other ranks take
+    no lock and wait for the folder carrying their launch id (so the uniqueness suffix, or a folder
+    replaced by ``overwrite``, cannot differ between ranks).
 
     Raises:
-        CheckpointError: when a non-zero rank does not see rank 0's folder within ``timeout_s``.
+        CheckpointError: when a non-zero rank does not see rank 0's folder within ``timeout_s``
+            (and as :func:`init_run_dir` on rank 0).
     """
     lid = launch_id()
     rank = env_rank()
-    if lid is None or cfg.run_dir:
-        if rank == 0 or lid is None:
-            return init_run_dir(cfg, reference, resume=resume, command=command)
-        return RunDir(Path(cfg.run_dir)), cfg
+    if lid is None:
+        return init_run_dir(cfg, reference, resume=resume, overwrite=overwrite, command=command)
     if rank == 0:
-        rd, cfg = init_run_dir(cfg, reference, resume=resume, command=command)
+        rd, cfg = init_run_dir(cfg, reference, resume=resume, overwrite=overwrite, command=command)
         atomic_write_json(rd.root / LAUNCH_FILE, {"launch": lid})
         return rd, cfg
     root, name = Path(cfg.run_root), run_name(cfg, reference)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for cand in _candidates(root, name):
+        cands = [Path(cfg.run_dir)] if cfg.run_dir else _candidates(root, name)
+        for cand in cands:
             if not cand.exists():
                 break
             try:
@@ -350,7 +462,8 @@ def init_shared_run_dir(
             except (OSError, json.JSONDecodeError):
                 pass
         time.sleep(0.5)
+    where = Path(cfg.run_dir) if cfg.run_dir else root / name
     raise CheckpointError(
-        f"{root / name}: rank {rank} did not find the run directory made by rank 0 within "
+        f"{where}: rank {rank} did not find the run directory made by rank 0 within "
         f"{timeout_s:.0f} s; check that all ranks share the file system holding run_root"
     )

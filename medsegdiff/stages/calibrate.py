@@ -2,7 +2,9 @@
 
 The threshold sweep itself is :func:`medsegdiff.inference.calibration.calibrate_threshold`;
 ``<run>/calibration.json`` is written by :func:`~medsegdiff.inference.calibration.save_calibration`
-and applied by ``predict`` (:func:`~medsegdiff.inference.calibration.find_calibration`).
+and applied by ``predict`` (:func:`~medsegdiff.inference.calibration.find_calibration`) when its
+settings (sampler, respacing, ensemble size, combination...) are the ones predict uses; calibrations
+made under other settings are kept beside it, never replaced.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from medsegdiff.config import ExperimentConfig, to_dict
 from medsegdiff.data.splits import Splits
 from medsegdiff.inference import ensemble as ens
 from medsegdiff.inference.calibration import (
+    CALIBRATION_FILE,
     DEFAULT_THRESHOLDS,
     calibrate_threshold,
+    load_calibrations,
     pick_best,
     save_calibration,
 )
@@ -87,8 +91,16 @@ def calibrate_checkpoint(
                      .astype(np.float32) for m, (cg, ng) in zip(members, geos)]
             table.append(calibrate_threshold(masks, gts, vvs, [thr])[1][0])
         best = pick_best(table)
-    path = save_calibration(run_dir, best, table, combine=method, cases=ids, checkpoint=str(ckpt_path),
-                            step=pred.ckpt.get("step"), respacing=pred.respacing, members=pred.members_per_case)
+    settings, step = pred.calibration_settings, pred.ckpt.get("step")
+    before = load_calibrations(run_dir / CALIBRATION_FILE)
+    path = save_calibration(run_dir, best, table, settings=settings, combine=method, cases=ids,
+                            checkpoint=str(ckpt_path), step=step, respacing=pred.respacing,
+                            members=pred.members_per_case)
+    same = sum(e.get("settings") == settings and e.get("step") == step for e in before)
+    if same:
+        say(f"[calibrate] replaced the earlier calibration made with the same settings at step {step}")
+    if len(before) - same:
+        say(f"[calibrate] kept {len(before) - same} calibration(s) made under other settings or steps in {path}")
     return best, table, path
 
 

@@ -4,6 +4,9 @@
 builds the parts through :func:`build_components`, which the :class:`~medsegdiff.training.trainer.Trainer`
 calls once the process group exists: rank 0 prepares the cache and the split
 (:func:`medsegdiff.stages.prepare.prepare`), the other ranks wait and open the same cache.
+
+Rank 0 records the training status in ``meta.json`` (:func:`medsegdiff.stages.meta.record_training`):
+unfinished when training starts, finished when it reaches ``train.steps`` or its time budget.
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ from medsegdiff.diffusion.objective import SegmentationObjective
 from medsegdiff.errors import DataError
 from medsegdiff.nets.registry import build_model
 from medsegdiff.stages.layout import RunDir, as_run_dir
+from medsegdiff.stages.meta import record_training
 from medsegdiff.stages.prepare import prepare
 from medsegdiff.tracking.progress import ProgressTracker
 from medsegdiff.training import trainer
-from medsegdiff.training.checkpoint import find_latest
+from medsegdiff.training.checkpoint import find_latest, list_step_checkpoints
 from medsegdiff.training.distributed import DistContext, barrier, broadcast_object
 from medsegdiff.training.trainer import Components, TrainResult
 from medsegdiff.training.validation import Validator
+from medsegdiff.utils.console import env_rank, say
 
 logger = logging.getLogger("medsegdiff.stages")
 
@@ -114,13 +119,24 @@ def train(
         CheckpointError: a corrupt checkpoint.
         TrainingError: ``train.max_bad_steps`` non-finite steps in a row.
     """
-    run_dir = as_run_dir(run).root
+    rd = as_run_dir(run)
+    run_dir = rd.root
     has_ckpt = find_latest(run_dir) is not None
     if resume and not has_ckpt:
-        logger.warning("%s has no checkpoint yet: training from the start", run_dir)
+        say(f"[train] {run_dir} has no checkpoint yet: training from step 0")
+    main = env_rank() == 0
+    if main:
+        found = list_step_checkpoints(run_dir) if resume else []
+        record_training(rd, finished=False, step=found[-1][0] if found else 0, steps=cfg.train.steps)
     bar = ProgressTracker(tracker, cfg.train.steps, enabled=progress and tracker is not None)
     try:
-        return trainer.train(cfg, run_dir, components=build_components, resume=resume and has_ckpt,
-                             tracker=bar if tracker is not None else None, stop_at=stop_at)
+        result = trainer.train(cfg, run_dir, components=build_components, resume=resume and has_ckpt,
+                               tracker=bar if tracker is not None else None, stop_at=stop_at)
     finally:
         bar.close()
+    if main:
+        record_training(rd, finished=result.stopped_by in ("steps", "time"), step=result.steps,
+                        steps=cfg.train.steps, stopped_by=result.stopped_by)
+        say(f"[train] {result.steps} of {cfg.train.steps} steps done (stopped by {result.stopped_by}); "
+            f"last checkpoint {result.last_checkpoint}")
+    return result

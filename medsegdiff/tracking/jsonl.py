@@ -40,6 +40,41 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return records
 
 
+def truncate_metrics(path: str | os.PathLike[str], step: int) -> int:
+    """Drop every record of ``metrics.jsonl`` logged after ``step`` (and torn lines), in place.
+
+    Used when a run resumes from its step-``step`` checkpoint: what was logged between that
+    checkpoint and the crash is logged again by the resumed run, so keeping it would duplicate those
+    steps. The file is rewritten in place (not replaced), so a tracker holding it open for appending
+    keeps writing to it.
+
+    Returns:
+        The number of lines removed (0 when the file does not exist).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, removed = [], 0
+    with open(path, "r+", encoding="utf-8") as fh:
+        for line in fh.read().splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+                keep = line.endswith("\n") and int(record.get("step", 0)) <= step
+            except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
+                keep = False
+            if keep:
+                kept.append(line)
+            elif line.strip():
+                removed += 1
+        if removed:
+            fh.seek(0)
+            fh.write("".join(kept))
+            fh.truncate()
+            fh.flush()
+            os.fsync(fh.fileno())
+    return removed
+
+
 class JsonlTracker:
     """Append-only JSON-lines log in the run directory (``run_dir/metrics.jsonl``)."""
 

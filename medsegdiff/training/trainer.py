@@ -48,6 +48,7 @@ from medsegdiff.config import ExperimentConfig, save_config
 from medsegdiff.errors import CheckpointError, TrainingError
 from medsegdiff.tracking import make_tracker
 from medsegdiff.tracking.base import NullTracker
+from medsegdiff.tracking.jsonl import truncate_metrics
 from medsegdiff.training import checkpoint as ckpt_mod
 from medsegdiff.training.cursor import BatchCursor
 from medsegdiff.training.distributed import (
@@ -64,6 +65,7 @@ from medsegdiff.training.distributed import (
 from medsegdiff.training.ema import EMA
 from medsegdiff.training.optim import build_optimizer, build_scheduler
 from medsegdiff.training.validation import TABLE_COLUMNS, table_rows
+from medsegdiff.utils.console import say
 from medsegdiff.utils.runtime import autocast, seed_everything
 
 logger = logging.getLogger("medsegdiff.training")
@@ -237,13 +239,39 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def load_latest(self) -> None:
-        path = ckpt_mod.find_latest(self.run_dir)
-        if path is None:
+        """Restore the newest READABLE step checkpoint; a corrupt newer one is skipped with a warning.
+
+        ``metrics.jsonl`` is cut back to the restored step, so the steps between that checkpoint and
+        the interruption are not logged twice.
+
+        Raises:
+            CheckpointError: no step checkpoint, or none of them is readable.
+        """
+        found = ckpt_mod.list_step_checkpoints(self.run_dir)
+        if not found:
             raise CheckpointError(
                 f"{self.run_dir}: --resume given but there is no checkpoints/step_*.pt; start without --resume"
             )
-        ckpt_mod.restore_training_state(self, ckpt_mod.load_checkpoint(path, map_location=self.device))
-        logger.info("resumed from %s at step %d", path, self.step)
+        state, bad = None, []
+        for _, path in reversed(found):
+            try:
+                state = ckpt_mod.load_checkpoint(path, map_location=self.device)
+                break
+            except CheckpointError as err:
+                bad.append(path)
+                if self.dist.is_main:
+                    logger.warning("%s; trying the previous checkpoint", err)
+        if state is None:
+            raise CheckpointError(
+                f"{ckpt_mod.checkpoint_dir(self.run_dir)}: no readable step checkpoint "
+                f"({', '.join(p.name for p in bad)} are truncated or corrupt); start without --resume"
+            )
+        ckpt_mod.restore_training_state(self, state)
+        if self.dist.is_main:
+            dropped = truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            skipped = f" (skipped unreadable {', '.join(p.name for p in bad)})" if bad else ""
+            say(f"[train] resumed from {path.name} at step {self.step} of {self.cfg.train.steps}{skipped}"
+                + (f"; dropped {dropped} metrics.jsonl line(s) logged after it" if dropped else ""))
 
     # ------------------------------------------------------------------ loop
     def run(self) -> TrainResult:
@@ -424,6 +452,7 @@ class Trainer:
             record = {"step": self.step, **reduced}
             self.history.append(record)
             self.tracker.log(reduced, step=self.step)
+            logger.info("step %d/%d: %s", self.step, self.cfg.train.steps, _log_line(reduced))
 
     def validate(self) -> dict[str, float] | None:
         """Validate with the EMA weights (if configured) and keep ``best.pt`` by validation Dice."""
@@ -439,6 +468,8 @@ class Trainer:
         if not metrics:
             return metrics
         if self.dist.is_main:
+            logger.info("validation at step %d: %s", self.step,
+                        ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))))
             self.tracker.log({f"val/{k}": v for k, v in metrics.items()}, step=self.step)
             self._log_cases("val/cases", getattr(val, "last_rows", None), self.step)
             if self.cfg.tracking.log_images and getattr(val, "last_panels", None):
@@ -462,9 +493,13 @@ class Trainer:
         if self.dist.is_main:
             if best:
                 path = ckpt_mod.save_checkpoint(ckpt_mod.best_path(self.run_dir), state)
+                logger.info("step %d: new best %s %.4g -> %s", self.step, self.best["metric"], self.best["value"],
+                            path)
             else:
                 path = ckpt_mod.save_checkpoint(ckpt_mod.step_path(self.run_dir, self.step), state)
-                ckpt_mod.prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
+                removed = ckpt_mod.prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
+                logger.info("step %d: checkpoint %s%s", self.step, path,
+                            f" (removed {', '.join(p.name for p in removed)})" if removed else "")
         if not best:
             self.last_checkpoint = ckpt_mod.step_path(self.run_dir, self.step)
         barrier(self.dist)
@@ -479,6 +514,16 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
+
+
+#: scalars shown in the per-step log line, in this order (when logged)
+LOG_LINE_KEYS = ("train/loss", "train/grad_norm", "train/lr", "train/samples_per_s", "train/non_finite_steps")
+
+
+def _log_line(scalars: dict[str, float]) -> str:
+    """``"loss 0.1234, grad_norm 1.2, lr 0.0001, samples_per_s 45.6"`` from the logged scalars."""
+    parts = [f"{k.split('/', 1)[1]} {scalars[k]:.4g}" for k in LOG_LINE_KEYS if k in scalars]
+    return ", ".join(parts)
 
 
 def _max_rss_gb() -> float:

@@ -49,7 +49,7 @@ def test_save_and_find_calibration(tmp_path):
     assert find_calibration(ckpt, {}) is None
     assert find_calibration(ckpt, {"calibration": {"threshold": 0.4}}) == (0.4, f"{ckpt} (embedded)")
     path = save_calibration(run, 0.35, [{"threshold": 0.35, "mean_dice": 0.5, "mean_avd_ml": 1.0}], combine="mean")
-    assert json.loads(path.read_text())["combine"] == "mean"
+    assert json.loads(path.read_text())["calibrations"][0]["combine"] == "mean"
     assert find_calibration(ckpt, {"calibration": 0.4}) == (0.35, str(run / "calibration.json"))
     assert find_calibration(run, None) == (0.35, str(run / "calibration.json"))
     path.write_text("{not json")
@@ -57,11 +57,66 @@ def test_save_and_find_calibration(tmp_path):
         find_calibration(ckpt, {})
 
 
-def test_stale_calibration_is_ignored_with_a_warning(tmp_path):
+def test_stale_calibration_is_ignored_with_a_warning(tmp_path, caplog):
     run = tmp_path / "run"
     ckpt = run / "checkpoints" / "best.pt"
     ckpt.parent.mkdir(parents=True)
     save_calibration(run, 0.35, [], step=100)
     assert find_calibration(ckpt, {"step": 100}) == (0.35, str(run / "calibration.json"))
-    with pytest.warns(UserWarning, match="calibrated for step 100 but the checkpoint is step 200"):
+    with caplog.at_level("WARNING", logger="medsegdiff.inference"):
         assert find_calibration(ckpt, {"step": 200}) is None
+    assert "calibrated for step 100 but the checkpoint is step 200" in caplog.text
+
+
+def _settings(**changes):
+    from medsegdiff.config import load_config
+    from medsegdiff.inference.calibration import calibration_settings
+
+    cfg = load_config(None, [f"{k.replace('__', '.')}={v}" for k, v in changes.items()])
+    return calibration_settings(cfg, respacing=cfg.inference.respacing or cfg.diffusion.respacing,
+                                members=cfg.inference.ensemble)
+
+
+def test_calibration_settings_hold_what_changes_the_probability_map():
+    base = _settings()
+    assert base["respacing"] == "ddim250" and base["members"] == 5 and base["inference.combine"] == "mean"
+    assert base["diffusion.sampler"] == "ddim" and "diffusion.eta" in base
+    # the key follows sampler, respacing, ensemble, combination and eta ...
+    for change in ({"inference__respacing": "ddim10"}, {"inference__ensemble": 1}, {"inference__combine": "staple"},
+                   {"diffusion__eta": 0.5}, {"diffusion__sampler": "ddpm"}):
+        assert _settings(**change) != base, change
+    # ... but not the threshold, the memory budget, the outputs or the uncertainty map
+    for change in ({"inference__threshold": 0.3}, {"inference__batch_size": 2}, {"inference__overlays": "false"},
+                   {"inference__uncertainty": "entropy"}, {"inference__use_calibrated_threshold": "false"}):
+        assert _settings(**change) == base, change
+
+
+def test_calibrations_under_other_settings_are_kept_and_only_matching_ones_used(tmp_path, caplog):
+    from medsegdiff.inference.calibration import load_calibrations
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "best.pt"
+    ckpt.parent.mkdir(parents=True)
+    fast = _settings(inference__respacing="ddim10", inference__ensemble=1)
+    full = _settings(inference__combine="staple")
+    save_calibration(run, 0.2, [], settings=fast, step=7)
+    save_calibration(run, 0.6, [], settings=full, step=7)
+    save_calibration(run, 0.25, [], settings=fast, step=7)  # same settings and step: replaces 0.2
+    entries = load_calibrations(run / "calibration.json")
+    assert [(e["threshold"], e["settings"] == fast) for e in entries] == [(0.6, False), (0.25, True)]
+    assert find_calibration(ckpt, {"step": 7}, settings=fast) == (0.25, str(run / "calibration.json"))
+    assert find_calibration(ckpt, {"step": 7}, settings=full) == (0.6, str(run / "calibration.json"))
+    with caplog.at_level("WARNING", logger="medsegdiff.inference"):
+        assert find_calibration(ckpt, {"step": 7}, settings=_settings()) is None
+    assert "no calibration for these settings" in caplog.text and (
+        "members=1 vs now 5, respacing='ddim10' vs now 'ddim250'" in caplog.text)
+
+
+def test_a_first_format_file_is_read_but_matches_no_settings(tmp_path, caplog):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "calibration.json").write_text(json.dumps({"threshold": 0.3, "step": 5, "table": []}))
+    assert find_calibration(run, {"step": 5}) == (0.3, str(run / "calibration.json"))
+    with caplog.at_level("WARNING", logger="medsegdiff.inference"):
+        assert find_calibration(run, {"step": 5}, settings=_settings()) is None
+    assert "settings were not recorded" in caplog.text

@@ -72,12 +72,13 @@ def test_predict_end_to_end_writes_native_geometry(predicted, raw_root):
 
 def test_predict_from_cache_with_case_filter_and_calibration(predicted, checkpoint, tmp_path):
     from medsegdiff.inference.calibration import save_calibration
-    from medsegdiff.inference.predict import predict
+    from medsegdiff.inference.predict import Predictor, predict
 
     out, written = predicted
     (cache,) = sorted((out / "_cache").iterdir())
     case_id = written[1].name[: -len(".nii.gz")]
-    save_calibration(checkpoint.parent.parent, 0.3, [])
+    # calibrated with the settings predict uses (the overrides below do not change the probability map)
+    save_calibration(checkpoint.parent.parent, 0.3, [], settings=Predictor.load(checkpoint).calibration_settings)
     try:
         got = predict(checkpoint, cache, tmp_path, cases=[case_id], progress=False,
                       overrides=["inference.overlays=false", "inference.uncertainty=entropy"])
@@ -150,8 +151,10 @@ def test_calibrate_checkpoint_saves_the_best_threshold(predicted, checkpoint, tm
                                                  overrides=[f"inference.combine={combine}", "inference.ensemble=3"])
         assert len(table) == 19
         assert max(r["mean_dice"] for r in table) == next(r["mean_dice"] for r in table if r["threshold"] == best)
-        saved = json.loads(path.read_text())
-        assert saved["threshold"] == best and saved["combine"] == combine and len(saved["cases"]) == 2
+        saved = json.loads(path.read_text())["calibrations"]
+        assert saved[-1]["threshold"] == best and saved[-1]["combine"] == combine and len(saved[-1]["cases"]) == 2
+        assert saved[-1]["settings"]["inference.combine"] == combine and saved[-1]["settings"]["members"] == 3
+        assert len(saved) == (1 if combine == "mean" else 2)  # the mean calibration is kept beside the vote one
         assert find_calibration(tmp_path) == (best, str(path))
 
 

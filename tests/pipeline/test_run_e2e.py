@@ -134,8 +134,9 @@ def test_calibrated_threshold_is_stored_and_applied(run):
     import csv
 
     rd = run[3][0]
-    calib = json.loads((rd / "calibration.json").read_text())
+    (calib,) = json.loads((rd / "calibration.json").read_text())["calibrations"]
     assert 0.0 < calib["threshold"] < 1.0
+    assert calib["settings"]["respacing"] == "ddim5" and calib["settings"]["members"] == 1
     rows = list(csv.DictReader((rd / "predictions" / "predictions.csv").open()))
     assert rows and all(abs(float(r["threshold"]) - calib["threshold"]) < 1e-6 for r in rows)
 
@@ -148,4 +149,5 @@ def test_calibrate_command_writes_calibration_for_validation_cases(run, tmp_path
                  "--no-progress", "inference.ensemble=1", "inference.respacing=ddim5"])
     assert code == 0
     assert "best threshold" in capsys.readouterr().out
-    assert 0.0 < json.loads((tmp_path / "calibration.json").read_text())["threshold"] < 1.0
+    (calib,) = json.loads((tmp_path / "calibration.json").read_text())["calibrations"]
+    assert 0.0 < calib["threshold"] < 1.0

@@ -260,3 +260,20 @@ def test_learning_curves_written_at_finish_with_labelled_axes(tmp_path):
     t2 = make_tracker(cfg_with("tracking.backend=none"), other)
     t2.finish()
     assert not (other / CURVES_FILE).exists()
+
+
+def test_truncate_metrics_drops_later_steps_and_torn_lines_in_place(tmp_path):
+    from medsegdiff.tracking.jsonl import JsonlTracker, read_metrics, truncate_metrics
+
+    assert truncate_metrics(tmp_path / "missing.jsonl", 3) == 0
+    tracker = JsonlTracker(tmp_path)
+    for step in (1, 2, 3, 4, 5):
+        tracker.log({"train/loss": 1.0 / step}, step=step)
+    tracker._fh.write('{"step": 6, "train/lo')  # a line torn by kill -9
+    tracker._fh.flush()
+    assert truncate_metrics(tracker.path, 3) == 3
+    assert [r["step"] for r in read_metrics(tracker.path)] == [1, 2, 3]
+    tracker.log({"train/loss": 0.25}, step=4)  # the open (append) handle keeps writing to the same file
+    tracker.finish()
+    assert [r["step"] for r in read_metrics(tracker.path)] == [1, 2, 3, 4]
+    assert truncate_metrics(tracker.path, 10) == 0
