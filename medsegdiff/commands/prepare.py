@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medsegdiff.config import load_config
-    from medsegdiff.data.preprocess import prepare_dataset
+    from medsegdiff.data.preprocess import ceiling_message, prepare_dataset
     from medsegdiff.errors import ConfigError
 
     if args.workers is not None and args.workers < 1:
@@ -33,4 +33,7 @@ def run(args: argparse.Namespace) -> int:
           f"{len(manifest.skipped)} skipped")
     for s in manifest.skipped:
         print(f"  skipped: {s['reason']}")
+    print(ceiling_message(timing["resolution_ceiling"]))
+    for line in timing["warnings"]:
+        print(f"WARNING: {line}")
     return 0

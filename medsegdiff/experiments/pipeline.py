@@ -177,6 +177,11 @@ def stage_prepare(cfg: ExperimentConfig, rd: RunDir, *, resume: bool, progress: 
     splits.save(rd.splits)
     say(f"[prepare] {len(manifest.case_ids)} cases: {len(splits.train)} train, {len(splits.val)} val, "
         f"{len(splits.test)} test")
+    from medsegdiff.data.preprocess import ceiling_message
+
+    say(f"[prepare] {ceiling_message(manifest.last_run['resolution_ceiling'])}")
+    for line in manifest.last_run["warnings"]:
+        say(f"[prepare] WARNING: {line}")
     return manifest, splits
 
 
