@@ -294,12 +294,15 @@ def stage_evaluate(cfg: ExperimentConfig, rd: RunDir, *, progress: bool = True) 
     say(f"[evaluate] Tmax > {ev.tmax_threshold:g} s baseline on the same {len(cases)} cases")
     tmax_baseline(gt, rd.baseline_predictions, threshold=ev.tmax_threshold, cases=cases, progress=progress)
     base = evaluate(rd.baseline_predictions, gt, rd.baseline_evaluation, **kw)
+    refs = evaluate_references(gt, Path(cfg.data.cache_dir), rd.root / "references", cases, kw, progress=progress)
     results = {
         "cases": cases,
         "iou_threshold": ev.iou_threshold,
         "model": summary_of(model),
         "baseline_tmax": summary_of(base),
-        "per_case": {"model": model.get("cases", []), "baseline_tmax": base.get("cases", [])},
+        "references": {name: summary_of(r) for name, r in refs.items()},
+        "per_case": {"model": model.get("cases", []), "baseline_tmax": base.get("cases", []),
+                     **{name: r.get("cases", []) for name, r in refs.items()}},
         "paths": {
             "run_dir": str(rd.root),
             "predictions": str(rd.predictions),
@@ -309,6 +312,23 @@ def stage_evaluate(cfg: ExperimentConfig, rd: RunDir, *, progress: bool = True) 
     }
     atomic_write_json(rd.results, _json_safe(results))
     return results
+
+
+def evaluate_references(gt: Path, cache: Path, out_root: Path, cases: Sequence[str], kw: Mapping[str, Any], *,
+                        progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Score the CBF-informed rule and the resolution ceiling on ``cases`` (a missing map skips a rule)."""
+    from medsegdiff.baselines.references import write_references
+    from medsegdiff.evaluation.evaluate import evaluate
+
+    out: dict[str, dict[str, Any]] = {}
+    for name in ("cbf_rule", "ceiling"):
+        try:
+            folder = write_references(gt, cache, out_root, cases=cases, names=[name], progress=progress)[name]
+        except DataError as err:
+            say(f"[evaluate] reference {name} skipped: {err}")
+            continue
+        out[name] = evaluate(folder, gt, folder.parent / "evaluation", **{**kw, "progress": progress})
+    return out
 
 
 def _json_safe(obj: Any) -> Any:
@@ -337,8 +357,11 @@ def summary_of(report: Mapping[str, Any]) -> dict[str, Any]:
 
 def format_table(results: Mapping[str, Any]) -> str:
     """A short text table: one row per method, the ISLES24 metrics as columns."""
+    from medsegdiff.baselines.references import reference_label
+
     rows = [("MedSegDiff (this run)", results.get("model", {})),
             ("Tmax > 9 s baseline", results.get("baseline_tmax", {}))]
+    rows += [(reference_label(name), summ) for name, summ in results.get("references", {}).items()]
     header = ["method"] + [title for _, title, _ in TABLE_COLUMNS]
     body = []
     for label, summ in rows:
