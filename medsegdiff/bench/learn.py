@@ -43,13 +43,16 @@ load average at start and end, because the wall time means little on a shared ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
 import re
 import resource
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -266,8 +269,8 @@ def metric_stats(rows: Mapping[int, Sequence[Mapping[str, Any]]], *, resamples: 
     keys: list[str] = []
     for rs in rows.values():
         for r in rs:
-            keys += [k for k, v in r.items() if k not in keys and k != "case_id" and isinstance(v, (int, float))
-                     and not isinstance(v, bool)]
+            keys += [k for k, v in r.items() if k not in keys and k != "case_id"
+                     and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))]
     return {k: stratified_bootstrap([np.array([_num(r.get(k)) for r in rs]) for rs in rows.values()],
                                     resamples=resamples) for k in keys}
 
@@ -306,9 +309,12 @@ def _cpu_seconds() -> float:
 
 def _say(message: str, progress: bool) -> None:
     if progress:
-        import sys
-
         print(f"[bench learn] {message}", file=sys.stderr, flush=True)
+
+
+def _pipeline_output(progress: bool) -> contextlib.AbstractContextManager[Any]:
+    """The pipeline's progress lines go to stderr (or nowhere): stdout carries the bench's JSON."""
+    return contextlib.redirect_stdout(sys.stderr if progress else io.StringIO())
 
 
 @dataclasses.dataclass
@@ -420,7 +426,8 @@ def run_method(settings: LearnBenchSettings, name: str, data: SeedData, *, progr
         _say(f"{name} seed {data.seed}: training {settings.steps} steps" + (" (resuming)" if resumed else ""),
              progress)
         t0, c0 = time.perf_counter(), _cpu_seconds()
-        result = run_experiment(cfg, stages="prepare,train", resume=True, progress=False)
+        with _pipeline_output(progress):
+            result = run_experiment(cfg, stages="prepare,train", resume=True, progress=False)
         steps = int(getattr(result.train, "steps", 0) or 0)
         trained = {"fingerprint": fingerprint, "seconds": time.perf_counter() - t0,
                    "cpu_seconds": _cpu_seconds() - c0, "steps": steps, "resumed": resumed}
@@ -428,7 +435,8 @@ def run_method(settings: LearnBenchSettings, name: str, data: SeedData, *, progr
     _say(f"{name} seed {data.seed}: predicting {len(data.test)} test cases", progress)
     t0, c0 = time.perf_counter(), _cpu_seconds()
     # the saved config: the same run, with the split and cache the train stage resolved
-    run_experiment(load_config(run_dir / "config.yaml"), stages="prepare,predict", resume=True, progress=False)
+    with _pipeline_output(progress):
+        run_experiment(load_config(run_dir / "config.yaml"), stages="prepare,predict", resume=True, progress=False)
     sample_s, sample_cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     report = evaluate(run_dir / "predictions", data.root, run_dir / "evaluation", iou_threshold=settings.iou_threshold,
                       cases=data.test, progress=False)
@@ -750,8 +758,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """``medsegdiff bench learn``: print the table; return a short JSON summary."""
     settings = settings_from_args(args)
     report = run_learn_bench(settings, progress=not args.no_progress)
-    import sys
-
     print(report["table"], file=sys.stderr, flush=True)
     return {
         "out_dir": str(settings.out_dir), "report": str(settings.out_dir / "report.json"),

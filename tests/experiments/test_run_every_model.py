@@ -53,5 +53,13 @@ def test_run_end_to_end(work: Path, name: str) -> None:
         assert (run_dir / "predictions" / f"{case}.nii.gz").is_file()
     assert 0.0 <= results["model"]["dice"] <= 1.0
     assert len(results["per_case"]["model"]) == len(results["cases"])
+    # the printed table: the model beside the three references on the same cases
+    table = buf.getvalue()
+    for label in ("MedSegDiff (this run)", "Tmax > 9 s baseline", "Tmax > 6 s & CBF < 15 rule", "resolution ceiling"):
+        assert label in table, label
+    assert set(results["references"]) == {"cbf_rule", "ceiling"}
+    for name in ("cbf_rule", "ceiling"):
+        assert [r["case_id"] for r in results["per_case"][name]] == results["cases"]
+    assert 0.0 < results["references"]["ceiling"]["dice"] < 1.0  # 16 px from 48-60 px native grids loses detail
     predict = json.loads((run_dir / "predictions" / "predict.json").read_text())
     assert predict["weights"] == "ema" and predict["step"] in (2, 4)  # best.pt: the better validation
