@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 
 from medsegdiff.errors import ConfigError
+from medsegdiff.experiments.pipeline import _json_safe  # NaN -> null (one helper; the arch branch moves it)
 
 BASE_EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "quickstart.yaml"
 
@@ -675,18 +676,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    return obj
 
 
 # ------------------------------------------------------------------------------------------ CLI
