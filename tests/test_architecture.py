@@ -24,8 +24,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("data", "nets", "losses", "metrics", "tracking"),
     ("diffusion",),
     ("training", "inference", "evaluation", "baselines"),
-    ("stages", "bench"),
+    ("stages",),
     ("pipeline",),
+    ("bench",),  # benchmarks time stages and whole pipelines (bench learn runs `run` per method)
     ("commands",),
     ("cli",),
 )

@@ -64,8 +64,18 @@ def test_real_data_experiments_use_ddim250_and_the_right_model():
 def test_quickstart_generates_synthetic_data():
     cfg = load_config(ROOT / "experiments" / "quickstart.yaml")
     assert cfg.data.synthetic.generate and cfg.model.preset == "tiny"
-    assert cfg.diffusion.respacing == "ddim250" and cfg.inference.respacing in ("", "ddim250")
+    # x0 prediction: the demo samples its test cases with DDIM 50 (the paper's 250 stay the default)
+    assert cfg.diffusion.respacing == "ddim250" and cfg.inference.respacing == "ddim50"
     assert cfg.tracking.backend == "wandb" and cfg.tracking.mode == "offline"
+    # the 64 px grid is at least the tiny synthetic native in-plane size (48 x 48-60): ceiling >= 0.95
+    assert cfg.data.image_size >= 60
+
+
+@pytest.mark.parametrize("path", [p for p in EXPERIMENTS if not is_sweep(p)], ids=lambda p: p.stem)
+def test_experiment_windows_keep_the_clinical_thresholds(path):
+    from medsegdiff.data.preprocess import window_warnings
+
+    assert window_warnings(load_config(path).data) == []
 
 
 def _write(path: Path, text: str) -> Path:

@@ -46,10 +46,10 @@ def predict_case(tmax_path: str | Path, out_path: str | Path, threshold: float =
     tmax_img = read_image(tmax_path)
     if tmax_img.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(f"Tmax map {tmax_path}: expected a scalar image, got a vector image; check the file")
-    return _write_mask(tmax_mask(sitk.GetArrayViewFromImage(tmax_img), threshold), tmax_img, Path(out_path))
+    return write_mask(tmax_mask(sitk.GetArrayViewFromImage(tmax_img), threshold), tmax_img, Path(out_path))
 
 
-def _write_mask(mask_zyx: np.ndarray, geometry_image: Any, out_path: Path) -> Path:
+def write_mask(mask_zyx: np.ndarray, geometry_image: Any, out_path: Path) -> Path:
     """Write a uint8 mask with the grid of ``geometry_image`` (a ``sitk.Image``), atomically."""
     mask = sitk.GetImageFromArray(mask_zyx)
     mask.CopyInformation(geometry_image)
@@ -90,16 +90,17 @@ def tmax_baseline(
 
     result = discover_cases(data, ["tmax"], require_mask=False)
     by_id = {c.case_id: c for c in result.cases}
-    ids = _select(by_id, cases, data)
+    ids = select_cases(by_id, cases, data)
     todo = {cid: by_id[cid].images["tmax"] for cid in ids if "tmax" in by_id[cid].images}
-    _report_skipped(sorted(set(ids) - set(todo)), len(todo), data)
+    report_skipped(sorted(set(ids) - set(todo)), len(todo), data)
     written = []
     for case_id, tmax_path in tqdm(todo.items(), desc="tmax baseline", unit="case", disable=not progress):
         written.append(predict_case(tmax_path, out_dir / f"{case_id}.nii.gz", threshold))
     return written
 
 
-def _select(available: Iterable[str], cases: Sequence[str] | None, data: Path) -> list[str]:
+def select_cases(available: Iterable[str], cases: Sequence[str] | None, data: Path) -> list[str]:
+    """``cases`` (sorted) if every one is available, else all available ids; DataError for unknown ones."""
     ids = sorted(available)
     if cases is None:
         return ids
@@ -109,19 +110,27 @@ def _select(available: Iterable[str], cases: Sequence[str] | None, data: Path) -
     return sorted(cases)
 
 
-def _report_skipped(skipped: list[str], n_written: int, data: Path) -> None:
+def report_skipped(skipped: list[str], n_written: int, data: Path, maps: Sequence[str] = ("Tmax",),
+                   what: str = "tmax baseline") -> None:
+    """Log the cases left out for want of a map; DataError when no case had the maps.
+
+    Raises:
+        DataError: nothing was written.
+    """
+    names = " and ".join(maps)
     if skipped:
-        logger.warning("tmax baseline: %d case(s) without a space-ncct Tmax map skipped: %s",
-                       len(skipped), ", ".join(skipped))
+        logger.warning("%s: %d case(s) without a space-ncct %s map skipped: %s",
+                       what, len(skipped), names, ", ".join(skipped))
     if not n_written:
-        raise DataError(f"data {data}: no case has a space-ncct Tmax map "
-                        "(derivatives/*/ses-01/perfusion-maps/*_space-ncct_tmax.nii.gz)")
+        files = ", ".join(f"*_space-ncct_{m.lower()}.nii.gz" for m in maps)
+        raise DataError(f"data {data}: no case has a space-ncct {names} map "
+                        f"(derivatives/*/ses-01/perfusion-maps/{files})")
 
 
 def _from_cache(cache: Path, out_dir: Path, threshold: float, cases: Sequence[str] | None,
                 progress: bool) -> list[Path]:
     manifest = Manifest.open(cache)
-    ids = _select(manifest.case_ids, cases, cache)
+    ids = select_cases(manifest.case_ids, cases, cache)
     written, skipped = [], []
     for case_id in tqdm(ids, desc="tmax baseline", unit="case", disable=not progress):
         case = manifest.case(case_id)
@@ -130,6 +139,6 @@ def _from_cache(cache: Path, out_dir: Path, threshold: float, cases: Sequence[st
             skipped.append(case_id)
             continue
         ref = case.native_geometry.reference_image()
-        written.append(_write_mask(tmax_mask(tmax, threshold), ref, out_dir / f"{case_id}.nii.gz"))
-    _report_skipped(skipped, len(written), cache)
+        written.append(write_mask(tmax_mask(tmax, threshold), ref, out_dir / f"{case_id}.nii.gz"))
+    report_skipped(skipped, len(written), cache)
     return written

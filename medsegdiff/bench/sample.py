@@ -32,9 +32,36 @@ Example: ``medsegdiff bench sample --preset small --shape 256x256x70 --respacing
 from __future__ import annotations
 
 import argparse
+import copy
+import math
+import resource
 import sys
+import tempfile
 import time
 from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from medsegdiff.config.base import deep_merge
+from medsegdiff.config.data import MODALITIES
+from medsegdiff.config.loader import config_from_dict, configs_dir, read_yaml
+from medsegdiff.data.datasets import SliceDataset
+from medsegdiff.data.splits import Splits
+from medsegdiff.diffusion.factory import build_diffusion
+from medsegdiff.errors import ConfigError, DataError
+from medsegdiff.inference import ensemble as ens
+from medsegdiff.inference.export import to_native
+from medsegdiff.inference.members import native_members
+from medsegdiff.inference.predict import Predictor, apply_inference_overrides, resolve_sources
+from medsegdiff.inference.sampler import SAMPLERS, sample_probabilities
+from medsegdiff.metrics.isles24 import case_metrics, summarize
+from medsegdiff.metrics.uncertainty import UNCERTAINTY_KEYS, uncertainty_metrics
+from medsegdiff.nets.blocks import repeat_features
+from medsegdiff.nets.registry import build_model
+from medsegdiff.utils.plotting import new_figure, save_png
+from medsegdiff.utils.runtime import autocast, resolve_device, torch_threads
 
 #: Dense peak TFLOP/s per device family (bf16 tensor cores, fp32 without TF32).
 PEAK_TFLOPS = {
@@ -78,8 +105,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_shape(text: str) -> tuple[int, int, int]:
-    from medsegdiff.errors import ConfigError
-
     try:
         h, w, z = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -91,11 +116,6 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 
 def build_config(preset: str, model: str, image_size: int, channels: int, respacing: str) -> Any:
     """An ExperimentConfig with the preset's model block at ``image_size`` and ``channels`` inputs."""
-    from medsegdiff.config.base import deep_merge
-    from medsegdiff.config.data import MODALITIES
-    from medsegdiff.config.loader import config_from_dict, configs_dir, read_yaml
-    from medsegdiff.errors import ConfigError
-
     path = configs_dir() / "model" / f"{preset}.yaml"
     if not path.is_file():
         raise ConfigError(f"--preset {preset!r}: no {path}; use one of tiny, small, base, large")
@@ -124,25 +144,16 @@ def _calls_per_step(z: int, members: int, batch_size: int) -> int:
 
 
 def _copy_model(model: Any) -> Any:
-    import copy
-
     return copy.deepcopy(model)
 
 
 def _sync(device: Any) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _count_flops(model: Any, images: Any, members: int, batch_size: int, precision: str) -> dict[str, float]:
     """FLOPs of one denoising call per (slice, member) pair and of one image encoding per slice."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from medsegdiff.nets.blocks import repeat_features
-    from medsegdiff.utils.runtime import autocast
 
     spc = max(1, batch_size // members)
     img = images[:spc]
@@ -160,8 +171,6 @@ def _count_flops(model: Any, images: Any, members: int, batch_size: int, precisi
 
 def _time(fn: Any, device: Any) -> tuple[float, float | None]:
     """Seconds of ``fn()`` and the CUDA peak memory (MiB; None on CPU)."""
-    import torch
-
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -181,8 +190,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _int_list(text: str, flag: str) -> list[int]:
-    from medsegdiff.errors import ConfigError
-
     try:
         values = [int(v) for v in text.replace(" ", ",").split(",") if v]
     except ValueError:
@@ -200,8 +207,6 @@ def respacing_for(spacing: str, nfe: int) -> str:
 def _held_out_cases(checkpoint: Any, sources: list[Any], cases_arg: str) -> list[tuple[Any, str]]:
     from pathlib import Path
 
-    from medsegdiff.data.splits import Splits
-    from medsegdiff.errors import DataError
 
     available = [(s.manifest, c) for s in sources for c in s.case_ids]
     if cases_arg:
@@ -219,14 +224,6 @@ def _held_out_cases(checkpoint: Any, sources: list[Any], cases_arg: str) -> list
 
 
 def _score_case(pred: Any, manifest: Any, case_id: str, members: Any) -> dict[str, float]:
-    import numpy as np
-
-    from medsegdiff.inference import ensemble as ens
-    from medsegdiff.inference.export import to_native
-    from medsegdiff.inference.members import native_members
-    from medsegdiff.metrics.isles24 import case_metrics
-    from medsegdiff.metrics.uncertainty import uncertainty_metrics
-
     case = manifest.case(case_id)
     gt = case.native_mask() > 0
     geo_c, geo_n = case.cache_geometry, case.native_geometry
@@ -243,10 +240,6 @@ def _score_case(pred: Any, manifest: Any, case_id: str, members: Any) -> dict[st
 
 def _reference_check(pred: Any, manifest: Any, case_id: str, sampler: str) -> float:
     """Largest |batched - reference| probability on two slices, two members, a 2-step chain."""
-    import torch
-
-    from medsegdiff.data.datasets import SliceDataset
-    from medsegdiff.inference.sampler import sample_probabilities
 
     images = SliceDataset(manifest, [case_id], context_slices=pred.cfg.data.context_slices).volume(case_id)[:2]
     images = images.to(pred.device)
@@ -265,16 +258,9 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
         ConfigError: bad lists, an unknown sampler, a respacing the schedule cannot make.
         DataError / CheckpointError: see :func:`medsegdiff.inference.predict.Predictor.load`.
     """
-    import tempfile
     from pathlib import Path
 
-    import numpy as np
 
-    from medsegdiff.errors import ConfigError
-    from medsegdiff.inference.predict import Predictor, resolve_sources
-    from medsegdiff.inference.sampler import SAMPLERS
-    from medsegdiff.metrics.isles24 import summarize
-    from medsegdiff.metrics.uncertainty import UNCERTAINTY_KEYS
 
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     unknown = [s for s in samplers if s not in SAMPLERS]
@@ -343,8 +329,6 @@ def add_paired_differences(settings: list[dict[str, Any]], reference: tuple[str,
     Paired over cases and with the same ensemble size (the Done-when test of issue 13 compares
     each sampler with DDIM at the largest NFE, e.g. 250). Settings without a reference get None.
     """
-    import numpy as np
-
     refs = {e["members"]: e for e in settings if (e["sampler"], e["nfe"]) == reference}
     for e in settings:
         ref = refs.get(e["members"])
@@ -359,15 +343,11 @@ def add_paired_differences(settings: list[dict[str, Any]], reference: tuple[str,
 
 
 def _with_overrides(cfg: Any, overrides: list[str]) -> Any:
-    from medsegdiff.inference.predict import apply_inference_overrides
-
     return apply_inference_overrides(cfg, overrides)
 
 
 def _finite(obj: Any) -> Any:
     """NaN/inf -> None, recursively (strict JSON)."""
-    import math
-
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
@@ -393,14 +373,8 @@ def format_quality_table(settings: list[dict[str, Any]]) -> str:
 
 def plot_dice_vs_nfe(path: Any, settings: list[dict[str, Any]]) -> None:
     """Dice vs NFE (log x), one line per sampler and ensemble size, written as PNG."""
-    import matplotlib  # optional plotting dependency, only for this figure
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from medsegdiff.utils.io import atomic_write_with
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = new_figure(6.4, 4.2)
+    ax = fig.add_subplot()
     groups: dict[tuple[str, int], list[tuple[int, float]]] = {}
     for e in settings:
         groups.setdefault((e["sampler"], e["members"]), []).append((e["nfe"], e["dice"]))
@@ -413,19 +387,11 @@ def plot_dice_vs_nfe(path: Any, settings: list[dict[str, Any]]) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), suffix=".png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def run_speed(args: argparse.Namespace) -> dict[str, Any]:
     """Synthetic-model speed: batched fast path vs the naive reference path (seconds per volume)."""
-    import resource
-
-    import torch
-
-    from medsegdiff.diffusion.factory import build_diffusion
-    from medsegdiff.nets.registry import build_model
-    from medsegdiff.utils.runtime import resolve_device, torch_threads
 
     h, w, z = _parse_shape(args.shape)
     cfg = build_config(args.preset, args.model, h, args.channels, args.respacing)

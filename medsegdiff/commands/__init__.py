@@ -20,7 +20,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "score predicted masks with the official ISLES24 metrics (per-case CSV + summary)",
     "baseline": "official simple baseline (tmax: lesion = Tmax > 9 s) written as sub-strokeNNNN.nii.gz masks",
     "sweep": "expand a sweep (base experiment + grid) and run it locally or write torchrun/SLURM scripts",
-    "bench": "benchmarks (JSON): data, model, train, sample",
+    "bench": "benchmarks (JSON): data, model, train, sample, learn",
     "config": "validate a config (blocks + overrides) and print the resolved YAML",
 }
 

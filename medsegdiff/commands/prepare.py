@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from medsegdiff.config import load_config
-from medsegdiff.data.preprocess import prepare_dataset
+from medsegdiff.data.preprocess import ceiling_message, prepare_dataset
 from medsegdiff.errors import ConfigError
 
 
@@ -31,4 +31,7 @@ def run(args: argparse.Namespace) -> int:
           f"{len(manifest.skipped)} skipped")
     for s in manifest.skipped:
         print(f"  skipped: {s['reason']}")
+    print(ceiling_message(timing["resolution_ceiling"]))
+    for line in timing["warnings"]:
+        print(f"WARNING: {line}")
     return 0

@@ -9,15 +9,32 @@ from medsegdiff.config.base import bad_value, option
 
 MODALITIES = ("ncct", "cta", "cbf", "cbv", "mtt", "tmax", "ctp")
 
-# Published winning preprocessing (KurtLab, ISLES24): clip windows per modality.
+# Clip windows per modality, chosen so that every threshold clinicians use stays INSIDE the window
+# (CLINICAL_THRESHOLDS below; a value above the window's top is clipped and cannot be told apart
+# from the top). The winning team's windows (KurtLab, ISLES'24: CBF 0-35, CBV 0-10, MTT 0-20,
+# Tmax 0-7, CTA 0-90) clip Tmax at 7 s, which hides the official baseline's 9 s and the 10 s
+# severe-hypoperfusion threshold, and CBF at 35, which clips normal grey matter (~50-80
+# mL/100 g/min), the reference that relative CBF (rCBF < 30 %) is measured against. Wider windows
+# cost little: the cache stores float16 in [0, 1] (Tmax 0-20 s: ~0.005 s resolution at 9 s).
 DEFAULT_WINDOWS: dict[str, list[float]] = {
-    "cbf": [0.0, 35.0],
+    "cbf": [0.0, 70.0],   # another published ISLES'24 window; keeps normal tissue for rCBF
     "cbv": [0.0, 10.0],
     "mtt": [0.0, 20.0],
-    "tmax": [0.0, 7.0],
+    "tmax": [0.0, 20.0],
     "cta": [0.0, 90.0],
     "ncct": [0.0, 80.0],  # brain window (level 40, width 80)
     "ctp": [0.0, 200.0],
+}
+
+# Thresholds in the maps' own units that the default windows keep visible (tested):
+# Tmax > 6 s (hypoperfusion / penumbra, DEFUSE 3), > 9 s (official ISLES'24 baseline), > 10 s
+# (severe hypoperfusion, hypoperfusion-intensity ratio); rCBF < 30 % of normal tissue (core,
+# RAPID), i.e. CBF ~15 for normal tissue at ~50 and the normal level itself (up to ~60); CBV
+# < 2 mL/100 g (core) and normal grey matter ~4-5.
+CLINICAL_THRESHOLDS: dict[str, list[float]] = {
+    "tmax": [6.0, 9.0, 10.0],
+    "cbf": [15.0, 60.0],
+    "cbv": [2.0, 4.5],
 }
 
 
@@ -89,7 +106,12 @@ class DataConfig:
     mask_resample: Literal["soft", "nearest"] = option(
         "soft", doc="lesion mask to the cache grid: soft = anti-aliased linear then >= 0.5, or nearest"
     )
-    image_size: int = option(64, ge=8, doc="in-plane size after resampling (H = W)")
+    image_size: int = option(64, ge=8, doc="in-plane size after resampling (H = W); keep the resolution "
+                             "ceiling that `prepare` reports >= data.min_resolution_ceiling")
+    min_resolution_ceiling: float = option(
+        0.95, ge=0.0, le=1.0,
+        doc="`prepare` warns when the mean Dice of the reference masks sent through the cache grid and back "
+            "(the resolution ceiling) is below this; 0 = never")
     context_slices: int = option(0, ge=0, doc="neighbouring slices on each side as extra channels (2.5D)")
     dims: Literal[2, 3] = option(2, doc="2 = slice dataset, 3 = patch dataset")
     patch_size: list[int] = option([16, 64, 64], doc="3D patch (D, H, W) when dims == 3")

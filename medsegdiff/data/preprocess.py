@@ -7,8 +7,8 @@ volume is alive at a time):
    one-modality view of the case: every channel checked against the NCCT grid, mask binarised).
 2. Lesion statistics on the native grid: voxels, mL, connected components (26-connectivity).
 3. Each modality: non-finite values -> 0, clip to ``data.windows[m]`` and scale to [0, 1]
-   (published winning preprocessing, KurtLab ISLES'24: CBF 0-35, CBV 0-10, MTT 0-20, Tmax 0-7,
-   CTA 0-90), then in-plane resampling to ``data.image_size`` with SimpleITK: Gaussian
+   (defaults in :data:`medsegdiff.config.data.DEFAULT_WINDOWS`: wide enough to keep every
+   clinical threshold, see there), then in-plane resampling to ``data.image_size`` with SimpleITK: Gaussian
    anti-aliasing in-plane (sigma = (new spacing - old spacing) / 2, as ``skimage.transform.resize``)
    then linear interpolation. Z is never resampled.
 4. The mask: ``soft`` = the same smoothing + linear interpolation of the binary mask thresholded at
@@ -18,6 +18,11 @@ volume is alive at a time):
    cache grid (images set to 0 outside).
 6. Optional histogram equalisation (``data.equalize``) inside the positive voxels of each channel,
    background kept at 0 (as KurtLab's ``skimage.exposure.equalize_hist`` on the positive mask).
+7. The **resolution ceiling** of the case: the cache-grid mask sent back to the native grid the way
+   predictions are (linear interpolation, ``>= 0.5``) and scored with Dice against the native
+   mask. The manifest holds the per-case values and their mean (``resolution_ceiling``);
+   ``prepare`` warns when the mean falls below ``data.min_resolution_ceiling`` (0.95), because a
+   model trained on that grid cannot score higher even with a perfect cache-grid prediction.
 
 The cache grid keeps the native origin and direction; its in-plane spacing is
 ``spacing * (n - 1) / (image_size - 1)``, so the first and last voxel centres coincide with the
@@ -42,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from medsegdiff.config.data import DataConfig
+from medsegdiff.config.data import CLINICAL_THRESHOLDS, DEFAULT_WINDOWS, DataConfig
 from medsegdiff.data.cache import (
     CACHE_FORMAT,
     DONE,
@@ -66,6 +71,23 @@ EQUALIZE_BINS = 256
 
 # --------------------------------------------------------------------------------------------
 # Settings
+
+
+def window_warnings(data_cfg: DataConfig) -> list[str]:
+    """One line per input modality whose window clips a clinical threshold (:data:`CLINICAL_THRESHOLDS`).
+
+    A threshold at or beyond the window's end is invisible in the cache: every value past it maps
+    to the same 0 or 1.
+    """
+    out = []
+    for m in data_cfg.modalities:
+        low, high = modality_window(data_cfg, m)
+        lost = [t for t in CLINICAL_THRESHOLDS.get(m, []) if not low < t < high]
+        if lost:
+            out.append(f"data.windows.{m}=[{low:g}, {high:g}] hides the clinical threshold(s) "
+                       f"{', '.join(f'{t:g}' for t in lost)}; widen the window (default "
+                       f"{DEFAULT_WINDOWS[m]}) so the network can see them")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,7 +237,7 @@ def _to_sitk(volume: np.ndarray, geometry: Any) -> Any:
 
 
 def resample_inplane(volume: np.ndarray | list[np.ndarray], native: Any, target: Any, *,
-                     mode: str = "linear") -> np.ndarray:
+                     mode: str = "linear", antialias: bool = True) -> np.ndarray:
     """Resample a ``(Z, Y, X)`` volume from the ``native`` grid onto the ``target`` grid (in-plane only).
 
     Args:
@@ -225,6 +247,8 @@ def resample_inplane(volume: np.ndarray | list[np.ndarray], native: Any, target:
         mode: ``linear`` (anti-aliased: Gaussian smoothing with sigma = (target - native spacing) / 2
             along each in-plane axis that is downsampled, then linear interpolation), ``soft``
             (``linear`` on the 0/1 mask, then >= 0.5; returns uint8) or ``nearest`` (returns uint8).
+        antialias: False = no Gaussian smoothing, plain linear interpolation (what
+            :func:`medsegdiff.inference.export.to_native` does to predictions on the way back).
 
     Returns:
         ``(Z, H, W)`` float32 (``linear``) or uint8 (``soft``, ``nearest``).
@@ -242,7 +266,7 @@ def resample_inplane(volume: np.ndarray | list[np.ndarray], native: Any, target:
     arr = np.ascontiguousarray(volume, dtype=np.float32)
     img = _to_sitk(arr, native)
     del arr, volume
-    for axis in (0, 1):
+    for axis in (0, 1) if antialias else ():
         sigma = (float(target.spacing[axis]) - float(native.spacing[axis])) / 2
         if sigma > 0:
             img = sitk.RecursiveGaussian(img, sigma, False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
@@ -252,6 +276,104 @@ def resample_inplane(volume: np.ndarray | list[np.ndarray], native: Any, target:
     if mode == "soft":
         return (res >= 0.5).astype(np.uint8)
     return res
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution ceiling: what the cache grid keeps of the reference mask
+
+
+def roundtrip_mask(cache_mask: np.ndarray, cache_geo: Any, native_geo: Any) -> np.ndarray:
+    """A cache-grid mask sent back to the native grid the way predictions are.
+
+    Linear interpolation in physical space without smoothing, then ``>= 0.5`` (as
+    :func:`medsegdiff.inference.export.to_native` followed by the 0.5 threshold).
+
+    Args:
+        cache_mask: ``(Z, H, W)`` 0/1 on ``cache_geo``.
+        cache_geo, native_geo: :class:`~medsegdiff.data.loading.Geometry` of the two grids.
+
+    Returns:
+        uint8 ``(Z, Y, X)`` on ``native_geo``.
+    """
+    back = resample_inplane(np.asarray(cache_mask, dtype=np.float32), cache_geo, native_geo, mode="linear",
+                            antialias=False)
+    return (back >= 0.5).astype(np.uint8)
+
+
+def mask_dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Global binary Dice ``2|P & G| / (|P| + |G|)``; 1.0 when both are empty (the official case Dice)."""
+    p, g = np.asarray(pred).astype(bool), np.asarray(gt).astype(bool)
+    total = int(np.count_nonzero(p)) + int(np.count_nonzero(g))
+    return 2.0 * int(np.count_nonzero(p & g)) / total if total else 1.0
+
+
+def resolution_ceiling(native_mask: np.ndarray, cache_mask: np.ndarray, native_geo: Any, cache_geo: Any) -> float:
+    """Dice of the reference mask after the round trip native grid -> cache grid -> native grid.
+
+    This is what a *perfect* cache-grid prediction scores on the native grid, i.e. the Dice that
+    the cache resolution alone takes away before any learning.
+
+    Args:
+        native_mask: ``(Z, Y, X)`` reference on ``native_geo``.
+        cache_mask: ``(Z, H, W)`` the same mask on the cache grid (as cached, ``data.mask_resample``).
+    """
+    return mask_dice(roundtrip_mask(cache_mask, cache_geo, native_geo), native_mask)
+
+
+def ceiling_summary(records: Iterable[Mapping[str, Any]], data_cfg: DataConfig) -> dict[str, Any]:
+    """The cache's resolution ceiling from the per-case records (cases with a reference mask).
+
+    Returns:
+        ``mean_dice``, ``min_dice``, ``min_case``, ``n_cases`` (None / 0 without masks),
+        ``image_size``, ``native_inplane_max`` (largest native x or y size), ``min_required``
+        (``data.min_resolution_ceiling``) and ``ok`` (mean >= min_required, or nothing to check).
+    """
+    values = {str(r["case_id"]): float(r["resolution_ceiling"]) for r in records
+              if r.get("resolution_ceiling") is not None}
+    sizes = [max(int(v) for v in r["native_geometry"]["size"][:2]) for r in records if "native_geometry" in r]
+    mean = float(np.mean(list(values.values()))) if values else None
+    worst = min(values, key=values.__getitem__) if values else None
+    required = float(data_cfg.min_resolution_ceiling)
+    return {
+        "mean_dice": mean,
+        "min_dice": values[worst] if worst else None,
+        "min_case": worst,
+        "n_cases": len(values),
+        "image_size": int(data_cfg.image_size),
+        "native_inplane_max": max(sizes) if sizes else None,
+        "min_required": required,
+        "ok": mean is None or mean >= required,
+    }
+
+
+def ceiling_message(summary: Mapping[str, Any]) -> str:
+    """One console line about the resolution ceiling (a warning with the fix when it is too low)."""
+    mean = summary.get("mean_dice")
+    if mean is None:
+        return "resolution ceiling: no reference masks to measure it"
+    text = (f"resolution ceiling {mean:.3f} Dice (worst case {summary['min_dice']:.3f}, {summary['min_case']}): "
+            f"the reference masks sent through the {summary['image_size']} px cache grid and back")
+    if summary.get("ok", True):
+        return text
+    return (f"WARNING: {text} lose lesion detail (below data.min_resolution_ceiling="
+            f"{summary['min_required']:g}); raise data.image_size towards the native in-plane size "
+            f"(up to {summary['native_inplane_max']} px), or set data.min_resolution_ceiling=0 to accept it")
+
+
+def _stored_ceiling(case_dir: Path, record: Mapping[str, Any]) -> float | None:
+    """The ceiling of an already cached case (from its ``mask.npy`` and ``native.npz``)."""
+    from medsegdiff.data.loading import Geometry
+
+    if not record.get("has_mask", True):
+        return None
+    try:
+        cache_mask = np.load(case_dir / MASK, mmap_mode="r")
+        with np.load(case_dir / NATIVE) as native:
+            native_mask = native["mask"]
+    except (OSError, KeyError, ValueError):
+        return None
+    return resolution_ceiling(native_mask, cache_mask, Geometry.from_dict(record["native_geometry"]),
+                              Geometry.from_dict(record["cache_geometry"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,6 +519,7 @@ def preprocess_case(case: Any, data_cfg: DataConfig) -> tuple[dict[str, Any], di
         "lesion": lesion,
         "lesion_slices": [int(z) for z in lesion_slices],
         "cache_lesion_voxels": int(np.count_nonzero(cache_mask)),
+        "resolution_ceiling": resolution_ceiling(native_mask, cache_mask, native, target) if has_mask else None,
         "has_tmax": tmax_native is not None,
         "has_mask": has_mask,
         "nonfinite": _jsonable(nonfinite),
@@ -511,7 +634,10 @@ def prepare_dataset(data_root: str | os.PathLike[str], cache_dir: str | os.PathL
 
     Returns:
         The opened :class:`~medsegdiff.data.cache.Manifest`; its ``last_run`` attribute holds this
-        call's ``prepared`` / ``reused`` counts, mean ``seconds_per_case`` and worker ``peak_rss_mb``.
+        call's ``prepared`` / ``reused`` counts, mean ``seconds_per_case``, worker ``peak_rss_mb``,
+        the ``resolution_ceiling`` summary (:func:`ceiling_summary`) and the window ``warnings``
+        (:func:`window_warnings`), both also in ``manifest.json``; callers print them
+        (:func:`ceiling_message`).
 
     Raises:
         DataError: missing data root, no usable case, or a bad case with ``data.on_error: fail``.
@@ -569,6 +695,9 @@ def prepare_dataset(data_root: str | os.PathLike[str], cache_dir: str | os.PathL
     finally:
         bar.close()
 
+    for cid, rec in records.items():  # caches written before the ceiling was recorded
+        if "resolution_ceiling" not in rec:
+            records[cid] = {**rec, "resolution_ceiling": _stored_ceiling(cache_dir / cid, rec)}
     if not records:
         reasons = "; ".join(f"{s['case_id']}: {s['reason']}" for s in skipped[:3])
         raise DataError(f"{data_root}: no usable case found ({len(skipped)} skipped{': ' + reasons if reasons else ''}); "
@@ -582,17 +711,21 @@ def prepare_dataset(data_root: str | os.PathLike[str], cache_dir: str | os.PathL
         "cases": [records[c] for c in sorted(records)],
         "skipped": sorted(skipped, key=lambda s: s["case_id"]),
         "problems": problems,
+        "resolution_ceiling": ceiling_summary(list(records.values()), data_cfg),
+        "warnings": window_warnings(data_cfg),
         "timing": {"prepared": len(todo), "reused": len(cases) - len(todo),
                    "seconds_per_case": _mean([s["seconds"] for s in stats]),
                    "peak_rss_mb": max((s["peak_rss_mb"] or 0 for s in stats), default=None)},
     }
     old = read_manifest_json(manifest_path)
     unchanged = old is not None and not todo and all(
-        old.get(k) == manifest[k] for k in ("format_version", "hash", "settings", "data_root", "cases", "skipped"))
+        old.get(k) == manifest[k] for k in ("format_version", "hash", "settings", "data_root", "cases", "skipped",
+                                             "resolution_ceiling", "warnings"))
     if not unchanged:  # an up-to-date cache is left exactly as it is
         atomic_write_json(manifest_path, manifest)
     opened = Manifest.open(cache_dir, expected_hash=digest)
-    opened.last_run = dict(manifest["timing"])
+    opened.last_run = {**manifest["timing"], "resolution_ceiling": manifest["resolution_ceiling"],
+                       "warnings": list(manifest["warnings"])}
     return opened
 
 
@@ -635,15 +768,21 @@ __all__ = [
     "brain_mask_from_ncct",
     "cache_geometry",
     "cache_settings",
+    "ceiling_message",
+    "ceiling_summary",
     "equalize_positive",
     "largest_component",
     "modality_window",
     "lesion_statistics",
+    "mask_dice",
     "prepare_case",
     "prepare_dataset",
     "preprocess_case",
     "resample_inplane",
+    "resolution_ceiling",
+    "roundtrip_mask",
     "support_mask",
     "window_normalise",
+    "window_warnings",
     "write_case",
 ]

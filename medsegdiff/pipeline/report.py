@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from medsegdiff.baselines.references import reference_label
 from medsegdiff.stages.layout import RunDir
 from medsegdiff.tracking import wandb_location
 
@@ -21,6 +22,7 @@ def format_table(results: Mapping[str, Any]) -> str:
     """A short text table: one row per method, the ISLES24 metrics as columns."""
     rows = [("MedSegDiff (this run)", results.get("model", {})),
             ("Tmax > 9 s baseline", results.get("baseline_tmax", {}))]
+    rows += [(reference_label(name), summ) for name, summ in results.get("references", {}).items()]
     header = ["method"] + [title for _, title, _ in TABLE_COLUMNS]
     body = []
     for label, summ in rows:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from medsegdiff.baselines.references import write_references
 from medsegdiff.config import ExperimentConfig
+from medsegdiff.errors import DataError
 from medsegdiff.evaluation.evaluate import evaluate as evaluate_dir
 from medsegdiff.stages.baseline import baseline
 from medsegdiff.stages.layout import RunDir
@@ -28,6 +30,20 @@ def summary_of(report: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def evaluate_references(gt: Path, cache: Path, out_root: Path, cases: Sequence[str], kw: Mapping[str, Any], *,
+                        progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Score the CBF-informed rule and the resolution ceiling on ``cases`` (a missing map skips a rule)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in ("cbf_rule", "ceiling"):
+        try:
+            folder = write_references(gt, cache, out_root, cases=cases, names=[name], progress=progress)[name]
+        except DataError as err:
+            say(f"[evaluate] reference {name} skipped: {err}")
+            continue
+        out[name] = evaluate_dir(folder, gt, folder.parent / "evaluation", **{**kw, "progress": progress})
+    return out
+
+
 def evaluate(cfg: ExperimentConfig, run: RunDir, *, progress: bool = True) -> dict[str, Any]:
     """Score ``run.predictions`` and the Tmax baseline (:func:`~medsegdiff.stages.baseline.baseline`) on the test cases.
 
@@ -35,7 +51,7 @@ def evaluate(cfg: ExperimentConfig, run: RunDir, *, progress: bool = True) -> di
     comparison is saved to ``run.results`` (strict JSON).
 
     Returns:
-        ``{"cases", "iou_threshold", "model", "baseline_tmax", "per_case", "paths"}`` (summaries are
+        ``{"cases", "iou_threshold", "model", "baseline_tmax", "references", "per_case", "paths"}`` (summaries are
         metric means, see :func:`summary_of`).
 
     Raises:
@@ -50,12 +66,15 @@ def evaluate(cfg: ExperimentConfig, run: RunDir, *, progress: bool = True) -> di
     model = evaluate_dir(run.predictions, gt, run.evaluation, **kw)
     baseline(cfg, run, cases, progress=progress)
     base = evaluate_dir(run.baseline_predictions, gt, run.baseline_evaluation, **kw)
+    refs = evaluate_references(gt, Path(cfg.data.cache_dir), run.root / "references", cases, kw, progress=progress)
     results = {
         "cases": cases,
         "iou_threshold": ev.iou_threshold,
         "model": summary_of(model),
         "baseline_tmax": summary_of(base),
-        "per_case": {"model": model.get("cases", []), "baseline_tmax": base.get("cases", [])},
+        "references": {name: summary_of(r) for name, r in refs.items()},
+        "per_case": {"model": model.get("cases", []), "baseline_tmax": base.get("cases", []),
+                     **{name: r.get("cases", []) for name, r in refs.items()}},
         "paths": {
             "run_dir": str(run.root),
             "predictions": str(run.predictions),

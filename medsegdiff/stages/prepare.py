@@ -12,7 +12,7 @@ from pathlib import Path
 
 from medsegdiff.config import ExperimentConfig
 from medsegdiff.data.cache import Manifest, cache_dir_name
-from medsegdiff.data.preprocess import prepare_dataset
+from medsegdiff.data.preprocess import ceiling_message, prepare_dataset
 from medsegdiff.data.splits import Splits, make_splits
 from medsegdiff.data.synthetic import generate_dataset
 from medsegdiff.errors import ConfigError, DataError
@@ -118,4 +118,9 @@ def prepare(cfg: ExperimentConfig, splits_file: Path, *, progress: bool = True, 
     if verbose:
         say(f"[prepare] {len(manifest.case_ids)} cases: {len(splits.train)} train, {len(splits.val)} val, "
             f"{len(splits.test)} test")
+        last = manifest.last_run  # filled when this call prepared or reused the cache (not for a bare cache_dir)
+        if "resolution_ceiling" in last:
+            say(f"[prepare] {ceiling_message(last['resolution_ceiling'])}")
+        for line in last.get("warnings", []):
+            say(f"[prepare] WARNING: {line}")
     return PreparedData(manifest=manifest, splits=splits, cache_dir=Path(cache_dir), splits_file=splits_file)

@@ -4,6 +4,12 @@
 normalisation statistics) are copied. The EMA weights are used for validation, best-checkpoint
 selection and inference (upstream improved-diffusion keeps them but the researcher's own codebase
 never used them).
+
+Shared (aliased) tensors: a module registered under two names (MONAI's DynUNet keeps its encoder
+both as ``input_block``/``downsamples`` and inside the recursive ``skip_layers``) has one
+parameter under several ``state_dict`` keys. ``named_parameters()`` lists it once, so the shadow
+holds one copy per *tensor*, and :meth:`EMA.state_dict` writes it under *every* key of
+``model.state_dict()``, so the EMA weights load into the model with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,12 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+
+def _alias_map(model: nn.Module, tensors: list[torch.Tensor]) -> dict[str, int]:
+    """``{state_dict key: index into tensors}`` for every key whose tensor is one of ``tensors``."""
+    index = {id(t): i for i, t in enumerate(tensors)}
+    return {k: index[id(v)] for k, v in model.state_dict(keep_vars=True).items() if id(v) in index}
 
 
 class EMA:
@@ -25,10 +37,15 @@ class EMA:
 
     def __init__(self, model: nn.Module, rate: float) -> None:
         self.rate = float(rate)
-        self.names = [n for n, p in model.named_parameters()]
-        self.shadow = [p.detach().clone() for p in model.parameters()]
+        params = list(model.parameters())  # each shared tensor once
+        buffers = list(model.buffers())
+        self.shadow = [p.detach().clone() for p in params]
+        self.buffers = [b.detach().clone() for b in buffers]
+        self.names = [n for n, _ in model.named_parameters()]
         self.buffer_names = [n for n, _ in model.named_buffers()]
-        self.buffers = [b.detach().clone() for b in model.buffers()]
+        # every state_dict key, aliases included, in model.state_dict() order
+        self.param_keys = _alias_map(model, params)
+        self.buffer_keys = _alias_map(model, buffers)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -40,13 +57,18 @@ class EMA:
             s.copy_(b)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Same keys as ``model.state_dict()``: loadable straight into the model."""
-        out = dict(zip(self.names, self.shadow))
-        out.update(zip(self.buffer_names, self.buffers))
+        """Same keys as ``model.state_dict()`` (aliased keys included): loadable straight into the model."""
+        out = {k: self.shadow[i] for k, i in self.param_keys.items()}
+        out.update({k: self.buffers[i] for k, i in self.buffer_keys.items()})
         return out
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a :meth:`state_dict` (only the first key of each shared tensor is needed).
+
+        Raises:
+            KeyError: a parameter or buffer of the model has no key in ``state``.
+        """
         for n, s in zip(self.names, self.shadow):
             s.copy_(state[n])
         for n, s in zip(self.buffer_names, self.buffers):

@@ -118,17 +118,17 @@ def test_changed_setting_rebuilds_and_unchanged_reuses(synth_root, tmp_path):
     assert again.hash == first.hash and _files(cache) == stamp  # nothing rewritten, manifest included
     cid = first.case_ids[0]
     old_cbf, old_cbv = np.array(first.case(cid).image[0]), np.array(first.case(cid).image[1])
-    changed = _cfg(windows={"cbf": [0.0, 70.0]})  # other modalities keep their default windows
+    changed = _cfg(windows={"cbf": [0.0, 140.0]})  # other modalities keep their default windows
     with pytest.raises(DataError, match=r"the cache is stale.*medsegdiff prepare"):
         Manifest.open(cache, data_cfg=changed)
     rebuilt = prepare_dataset(synth_root, cache, changed, workers=1, progress=False)
-    assert rebuilt.hash != first.hash and rebuilt.settings["windows"]["cbf"] == [0.0, 70.0]
+    assert rebuilt.hash != first.hash and rebuilt.settings["windows"]["cbf"] == [0.0, 140.0]
     after = _files(cache)
     assert all(after[k] != v for k, v in stamp.items() if k.name == "image.npy")  # every case rebuilt
     new_cbf = np.asarray(rebuilt.case(cid).image[0], dtype=np.float32)
     assert not np.array_equal(new_cbf, old_cbf)
     old_cbf = old_cbf.astype(np.float32)
-    # min(r / 70, 1) <= min(r / 35, 1) voxel-wise, and resampling has non-negative weights
+    # min(r / 140, 1) <= min(r / 70, 1) voxel-wise, and resampling has non-negative weights
     assert np.all(new_cbf <= old_cbf + 1e-2) and new_cbf.sum() < 0.9 * old_cbf.sum()
     assert np.array_equal(np.asarray(rebuilt.case(cid).image[1]), old_cbv)  # CBV window unchanged
     Manifest.open(cache, data_cfg=changed)  # up to date now

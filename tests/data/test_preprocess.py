@@ -157,3 +157,81 @@ def test_brain_mask_and_equalisation_in_the_cache(synth_root, tmp_path):
         positive = image[0][image[0] > 0]
         assert positive.size > 0 and positive.max() == pytest.approx(1.0, abs=1e-3)  # equalised to (0, 1]
         assert 0.3 < np.median(positive) < 0.7
+
+
+# ------------------------------------------------------------- what the cache keeps: ceiling, windows
+
+
+def test_mask_dice_is_the_official_case_dice():
+    from medsegdiff.data.preprocess import mask_dice
+    from medsegdiff.metrics.isles24 import case_metrics
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        p, g = rng.random((3, 9, 9)) > 0.6, rng.random((3, 9, 9)) > 0.5
+        assert mask_dice(p, g) == pytest.approx(case_metrics(p, g, 1.0, hd95=False)["dice"])
+    empty = np.zeros((2, 4, 4), bool)
+    assert mask_dice(empty, empty) == 1.0 and mask_dice(empty, ~empty) == 0.0
+
+
+def test_resolution_ceiling_is_recorded_and_warned_about(synth_root, tmp_path):
+    from medsegdiff.data.preprocess import ceiling_message, mask_dice, roundtrip_mask
+    from medsegdiff.inference.ensemble import binarize
+    from medsegdiff.inference.export import to_native
+
+    coarse = prepare_dataset(synth_root, tmp_path / "c16", _cfg(modalities=["tmax"], image_size=16), workers=1,
+                             progress=False)
+    fine = prepare_dataset(synth_root, tmp_path / "c64", _cfg(modalities=["tmax"], image_size=64), workers=1,
+                           progress=False)
+    low, high = coarse.last_run["resolution_ceiling"], fine.last_run["resolution_ceiling"]
+    assert coarse.data["resolution_ceiling"] == low  # in manifest.json too
+    assert low["n_cases"] == len(coarse.case_ids) and low["image_size"] == 16
+    assert high["mean_dice"] >= 0.95 and high["ok"]  # native tiny grids are 48 x 48-60
+    assert low["mean_dice"] < high["mean_dice"] - 0.1 and not low["ok"]
+    assert "WARNING" in ceiling_message(low) and "raise data.image_size" in ceiling_message(low)
+    assert "up to 60 px" in ceiling_message(low) and "WARNING" not in ceiling_message(high)
+    values = []
+    for cid in coarse.case_ids:
+        case = coarse.case(cid)
+        # the round trip is the predictions' own way back (export.to_native + 0.5 threshold)
+        via_export = binarize(to_native(np.asarray(case.mask), case.cache_geometry, case.native_geometry), 0.5)
+        mine = roundtrip_mask(case.mask, case.cache_geometry, case.native_geometry)
+        np.testing.assert_array_equal(mine, via_export)
+        values.append(mask_dice(mine, case.native_mask()))
+        assert case.record["resolution_ceiling"] == pytest.approx(values[-1])
+    assert low["mean_dice"] == pytest.approx(np.mean(values))
+
+
+def test_default_windows_keep_every_clinical_threshold():
+    from medsegdiff.config.data import CLINICAL_THRESHOLDS, DEFAULT_WINDOWS, DataConfig
+    from medsegdiff.data.preprocess import window_warnings
+
+    for m, thresholds in CLINICAL_THRESHOLDS.items():
+        low, high = DEFAULT_WINDOWS[m]
+        assert all(low < t < high for t in thresholds), m
+    assert set(CLINICAL_THRESHOLDS["tmax"]) >= {6.0, 9.0, 10.0}
+    assert window_warnings(DataConfig(modalities=["cbf", "cbv", "mtt", "tmax", "cta"])) == []
+    lines = window_warnings(DataConfig(modalities=["tmax", "cbf"], windows={"tmax": [0.0, 7.0]}))
+    assert lines == ["data.windows.tmax=[0, 7] hides the clinical threshold(s) 9, 10; widen the window "
+                     "(default [0.0, 20.0]) so the network can see them"]
+
+
+def test_tmax_above_9_s_is_recoverable_from_the_cached_image(synth_root, tmp_path):
+    """Threshold the cached Tmax channel at the 9 s level, send it back: it is the native Tmax > 9 s."""
+    from medsegdiff.data.preprocess import mask_dice, modality_window, roundtrip_mask
+
+    def recovered(cfg, cache):
+        manifest = prepare_dataset(synth_root, tmp_path / cache, cfg, workers=1, progress=False)
+        low, high = modality_window(cfg, "tmax")
+        level = (9.0 - low) / (high - low)
+        dice = []
+        for cid in manifest.case_ids:
+            case = manifest.case(cid)
+            cached = np.asarray(case.image[0], dtype=np.float32) > level
+            native = roundtrip_mask(cached, case.cache_geometry, case.native_geometry)
+            dice.append(mask_dice(native, case.native_tmax() > 9.0))
+        return float(np.mean(dice))
+
+    assert recovered(_cfg(modalities=["tmax"], image_size=64), "default") >= 0.9
+    # the old [0, 7] s window (the winning team's) clips at 7 s: the 9 s level does not exist in the cache
+    assert recovered(_cfg(modalities=["tmax"], image_size=64, windows={"tmax": [0.0, 7.0]}), "old") == 0.0

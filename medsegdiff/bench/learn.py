@@ -1,0 +1,743 @@
+"""Learning benchmark: methods trained on the same synthetic splits at equal steps, scored with CIs.
+
+``medsegdiff bench learn`` (library: :func:`run_learn_bench`) answers "did this change help?" with
+numbers that can be trusted:
+
+1. **Data.** For each data seed (default 0, 1, 2) a synthetic ISLES24 look-alike
+   (:func:`medsegdiff.data.synthetic.generate_dataset`, ``--cases`` cases) and one subject split
+   with ``--test-cases`` test (default 12) and ``--val-cases`` validation cases, saved as
+   ``data/seed<k>/splits.json`` and given to every method (``data.split.file``), so all methods
+   see exactly the same training, validation and test subjects.
+2. **Methods.** A method is a name and a list of config overrides on top of the base experiment
+   (``experiments/quickstart.yaml``) and the bench's common overrides (:func:`common_overrides`:
+   equal optimiser steps ``train.steps`` with no time budget, validation every quarter of the
+   run, DDIM 25 with one member for the test predictions, no W&B). Defaults:
+   :data:`DEFAULT_METHODS` (V1 x0, V1 with the paper's epsilon objective, V2, DynUNet). A YAML
+   file adds more (:func:`load_methods_file`); any new config option is a one-line method.
+3. **Runs.** Each (method, seed) is a normal run directory ``runs/<method>/seed<k>`` made by the
+   public pipeline (:func:`medsegdiff.pipeline.run.run_experiment`, stages
+   ``prepare,train`` then ``prepare,predict``, which also calibrates the threshold on the
+   validation cases when the config says so), then scored with
+   :func:`medsegdiff.evaluation.evaluate.evaluate` (the official metrics, every per-case key
+   passed through). A finished (method, seed) leaves ``bench_result.json`` and is skipped next
+   time; an interrupted one resumes from its latest checkpoint.
+4. **References** on the same test cases (:mod:`medsegdiff.baselines.references`): Tmax > 9 s,
+   the CBF-informed rule (Tmax > 6 s and CBF < 15 on the native maps) and the resolution ceiling
+   (the reference mask through the first method's cache grid and back).
+5. **Statistics** over all test cases of all seeds (:func:`stratified_bootstrap`): the mean and
+   a 95 % percentile-bootstrap CI, resampling cases with replacement *within each seed*
+   (stratified, so every resample keeps the seed mix; 2000 resamples, fixed generator), for every
+   per-case metric. Paired differences to each ``--reference`` (a method or a reference name) are
+   bootstrapped the same way on the per-case differences ``method - reference`` of the same
+   case, which removes the case-to-case spread that dominates unpaired comparisons.
+6. **Output** in ``--out``: ``report.json`` (everything), ``report.txt`` (the table),
+   ``dice_vs_steps.png`` (validation Dice per method, mean over seeds) and
+   ``paired_differences.png`` (paired differences with their CIs).
+
+Timing: ``train_seconds`` is the wall time of the train stage (validation during training
+included), ``sample_seconds`` that of the predict stage (threshold calibration on the validation
+cases included), both per (method, seed). The report also records the process CPU time and the
+load average at start and end, because the wall time means little on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import resource
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from medsegdiff.baselines.references import REFERENCES, reference_label, write_references
+from medsegdiff.config import load_config
+from medsegdiff.config.data import SplitConfig
+from medsegdiff.data.cache import Manifest, cache_settings, settings_hash
+from medsegdiff.data.preprocess import prepare_dataset
+from medsegdiff.data.splits import Splits, make_splits
+from medsegdiff.data.synthetic import generate_dataset
+from medsegdiff.errors import ConfigError
+from medsegdiff.evaluation.evaluate import evaluate
+from medsegdiff.pipeline.run import run_experiment
+from medsegdiff.tracking import read_metrics
+from medsegdiff.training.checkpoint import find_latest
+from medsegdiff.utils.io import atomic_write_json, atomic_write_text
+from medsegdiff.utils.jsonable import json_safe
+from medsegdiff.utils.plotting import new_figure, save_png
+
+BASE_EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "quickstart.yaml"
+
+# name -> overrides on top of the base experiment (the quickstart: tiny V1 predicting x0)
+DEFAULT_METHODS: dict[str, list[str]] = {
+    "v1_x0": [],
+    "v1_eps": ["diffusion.predict_xstart=false", "loss.timestep_weighting=snr"],  # the paper's objective
+    "v2_x0": ["model.name=medsegdiff_v2"],
+    "dynunet": ["model.name=dynunet", "loss.diffusion_weight=0.0", "inference.ensemble=1"],
+}
+DEFAULT_REFERENCES = ("cbf_rule", "v1_x0")
+METHODS_FILE_KEYS = ("methods", "only", "reference", "overrides")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+RESULT = "bench_result.json"
+TABLE_METRICS = (("lesion_f1", "Lesion F1", "{:.3f}"), ("avd_ml", "AVD mL", "{:.1f}"))
+
+
+@dataclasses.dataclass
+class LearnBenchSettings:
+    """What :func:`run_learn_bench` runs (defaults = ``medsegdiff bench learn`` without flags).
+
+    Attributes:
+        out_dir: output folder (data, runs, report); reused to resume.
+        seeds: data seeds (each also the model seed of its runs).
+        cases: synthetic cases per seed (one imitates a missing CTA and is skipped).
+        test_cases, val_cases: split sizes per seed; the rest trains.
+        steps: optimiser steps of every method.
+        methods: ``{name: overrides}`` in run order.
+        references: names for the paired differences (methods or ``tmax``/``cbf_rule``/``ceiling``).
+        base: the experiment file the methods modify.
+        overrides: applied to every method after the bench's own (before the method's).
+        shape: synthetic volume size (``tiny`` or ``XxYxZ``).
+        bootstrap: bootstrap resamples.
+        iou_threshold: lesion matching IoU for the lesion-wise F1.
+    """
+
+    out_dir: Path
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    cases: int = 32
+    test_cases: int = 12
+    val_cases: int = 3
+    steps: int = 300
+    methods: dict[str, list[str]] = dataclasses.field(default_factory=lambda: dict(DEFAULT_METHODS))
+    references: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_REFERENCES))
+    base: Path = BASE_EXPERIMENT
+    overrides: list[str] = dataclasses.field(default_factory=list)
+    shape: str = "tiny"
+    bootstrap: int = 2000
+    iou_threshold: float = 0.5
+
+
+# --quick: seconds per run (tests). Two seeds (the stratified CI needs strata), a diffusion model
+# and DynUNet (unless --methods says otherwise), 4 steps, one validation, DDIM 5, no calibration.
+QUICK = dict(seeds=[0, 1], cases=7, test_cases=2, val_cases=1, steps=4, bootstrap=200, shape="24x24x6")
+QUICK_METHODS = ("v1_x0", "dynunet")
+QUICK_OVERRIDES = ["data.image_size=24", "train.batch_size=4", "train.log_every=2", "train.validation.every=4",
+                   "train.validation.respacing=ddim5", "inference.respacing=ddim5", "inference.calibrate=false",
+                   "model.dynunet_filters=[8,16,32]"]
+
+
+def common_overrides(steps: int) -> list[str]:
+    """The bench's overrides for every method: equal steps, cheap but real validation and sampling."""
+    every = max(1, steps // 4)
+    return [
+        f"train.steps={steps}", "train.time_budget_s=0", f"train.validation.every={every}",
+        "train.validation.max_cases=0", "train.validation.respacing=ddim25", "train.validation.ensemble=1",
+        f"train.checkpoint_every={every}", "inference.respacing=ddim25", "inference.ensemble=1",
+        "inference.overlays=false", "tracking.backend=none", "data.synthetic.generate=false",
+    ]
+
+
+# --------------------------------------------------------------------------------------- methods
+
+
+def _as_overrides(value: Any, where: str) -> list[str]:
+    """A method's overrides from YAML: a list of ``key=value`` strings or a ``{key: value}`` mapping."""
+    if value is None:
+        return []
+    if isinstance(value, Mapping):
+        return [f"{k}={json.dumps(v)}" for k, v in value.items()]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
+        raise ConfigError(f"{where}: expected a list of 'key=value' overrides or a mapping key: value, "
+                          f"got {value!r}")
+    return [v.strip() for v in value]
+
+
+def load_methods_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a methods file.
+
+    Format (every key optional except ``methods``)::
+
+        methods:                        # added to (or replacing) the defaults, in this order
+          v1_lr3: [optim.lr=3.0e-4]     # a list of key=value overrides ...
+          v2_big: {model.name: medsegdiff_v2, train.batch_size: 32}   # ... or a mapping
+        only: [v1_x0, v1_lr3]           # run just these (default: the defaults + the file's)
+        reference: [cbf_rule, v1_x0]    # paired differences against these
+        overrides: [data.image_size=64] # applied to every method
+
+    Returns:
+        ``{"methods": {name: overrides}, "only": list | None, "reference": list | None,
+        "overrides": list}``.
+
+    Raises:
+        ConfigError: unreadable file, unknown keys, bad names or overrides (one line naming the
+            file and the key).
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"methods file {path}: cannot be read ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict) or "methods" not in data:
+        raise ConfigError(f"methods file {path}: expected a mapping with a 'methods' key "
+                          "(methods: {name: [key=value, ...]})")
+    unknown = sorted(set(data) - set(METHODS_FILE_KEYS))
+    if unknown:
+        raise ConfigError(f"methods file {path}: unknown key(s) {', '.join(unknown)}; allowed: "
+                          f"{', '.join(METHODS_FILE_KEYS)}")
+    if not isinstance(data["methods"], dict) or not data["methods"]:
+        raise ConfigError(f"methods file {path}: 'methods' must be a non-empty mapping name: [key=value, ...]")
+    methods = {}
+    for name, value in data["methods"].items():
+        name = str(name)
+        if not NAME.match(name):
+            raise ConfigError(f"methods file {path}: method name {name!r} is not allowed; use letters, digits, "
+                              "and _ . + - (it names a folder)")
+        methods[name] = _as_overrides(value, f"methods file {path}: methods.{name}")
+
+    def names(key: str) -> list[str] | None:
+        value = data.get(key)
+        if value is None:
+            return None
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or not value:
+            raise ConfigError(f"methods file {path}: '{key}' must be a name or a list of names, got {value!r}")
+        return list(value)
+
+    return {"methods": methods, "only": names("only"), "reference": names("reference"),
+            "overrides": _as_overrides(data.get("overrides"), f"methods file {path}: overrides")}
+
+
+def select_methods(defaults: Mapping[str, list[str]], extra: Mapping[str, list[str]] | None,
+                   only: Sequence[str] | None) -> dict[str, list[str]]:
+    """The defaults plus ``extra`` (an extra method of the same name replaces a default), filtered by ``only``.
+
+    Raises:
+        ConfigError: ``only`` names an unknown method.
+    """
+    methods = {**defaults, **(extra or {})}
+    if only:
+        unknown = [n for n in only if n not in methods]
+        if unknown:
+            raise ConfigError(f"--methods: unknown method(s) {', '.join(unknown)}; known: {', '.join(methods)}")
+        methods = {n: methods[n] for n in only}
+    return methods
+
+
+# ----------------------------------------------------------------------------------- statistics
+
+
+def stratified_bootstrap(values_by_seed: Sequence[np.ndarray], *, resamples: int = 2000, level: float = 0.95,
+                         seed: int = 0) -> dict[str, Any]:
+    """Mean of all values and its percentile-bootstrap CI, resampling within each stratum (seed).
+
+    Each resample draws ``n_s`` values with replacement from every stratum ``s`` and takes the
+    mean of all drawn values, so the number of values per seed stays as observed.
+
+    Args:
+        values_by_seed: one 1-D array per stratum (NaN values are dropped).
+        resamples: bootstrap resamples.
+        level: confidence level.
+        seed: generator seed (the result is deterministic).
+
+    Returns:
+        ``mean``, ``ci95`` ``[low, high]`` (None when there are no values), ``sd`` (of all values),
+        ``n``.
+    """
+    strata = [np.asarray(v, dtype=np.float64) for v in values_by_seed]
+    strata = [v[np.isfinite(v)] for v in strata]
+    strata = [v for v in strata if v.size]
+    n = sum(v.size for v in strata)
+    if n == 0:
+        return {"mean": None, "ci95": None, "sd": None, "n": 0}
+    allv = np.concatenate(strata)
+    rng = np.random.default_rng(seed)
+    sums = np.zeros(resamples)
+    for v in strata:
+        sums += v[rng.integers(0, v.size, size=(resamples, v.size))].sum(axis=1)
+    means = sums / n
+    alpha = (1.0 - level) / 2
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return {"mean": float(allv.mean()), "ci95": [float(lo), float(hi)], "sd": float(allv.std(ddof=1)) if n > 1
+            else 0.0, "n": int(n)}
+
+
+def _rows_by_seed(rows: Mapping[int, Sequence[Mapping[str, Any]]]) -> dict[int, dict[str, Mapping[str, Any]]]:
+    return {seed: {str(r["case_id"]): r for r in rs} for seed, rs in rows.items()}
+
+
+def metric_stats(rows: Mapping[int, Sequence[Mapping[str, Any]]], *, resamples: int) -> dict[str, Any]:
+    """Bootstrap statistics of every numeric per-case key (the official metrics and any extras)."""
+    keys: list[str] = []
+    for rs in rows.values():
+        for r in rs:
+            keys += [k for k, v in r.items() if k not in keys and k != "case_id"
+                     and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))]
+    return {k: stratified_bootstrap([np.array([_num(r.get(k)) for r in rs]) for rs in rows.values()],
+                                    resamples=resamples) for k in keys}
+
+
+def _num(value: Any) -> float:
+    """A per-case value as float; None (NaN written as JSON null) and non-numbers are NaN (dropped)."""
+    try:
+        return float(value) if value is not None else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def paired_difference(rows: Mapping[int, Sequence[Mapping[str, Any]]],
+                      ref_rows: Mapping[int, Sequence[Mapping[str, Any]]], key: str = "dice", *,
+                      resamples: int = 2000) -> dict[str, Any]:
+    """Paired ``method - reference`` on the cases both have (matched by seed and case id), bootstrapped."""
+    a, b = _rows_by_seed(rows), _rows_by_seed(ref_rows)
+    diffs = []
+    for seed in sorted(set(a) & set(b)):
+        common = sorted(set(a[seed]) & set(b[seed]))
+        diffs.append(np.array([_num(a[seed][c].get(key)) - _num(b[seed][c].get(key)) for c in common]))
+    return stratified_bootstrap(diffs, resamples=resamples)
+
+
+# ----------------------------------------------------------------------------------------- runs
+
+
+def _fingerprint(overrides: Sequence[str]) -> str:
+    return hashlib.sha1(json.dumps(list(overrides)).encode()).hexdigest()[:12]
+
+
+def _cpu_seconds() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _say(message: str, progress: bool) -> None:
+    if progress:
+        print(f"[bench learn] {message}", file=sys.stderr, flush=True)
+
+
+def _pipeline_output(progress: bool) -> contextlib.AbstractContextManager[Any]:
+    """The pipeline's progress lines go to stderr (or nowhere): stdout carries the bench's JSON."""
+    return contextlib.redirect_stdout(sys.stderr if progress else io.StringIO())
+
+
+@dataclasses.dataclass
+class SeedData:
+    """One data seed: the generated root, its split and the first method's cache."""
+
+    seed: int
+    root: Path
+    splits_file: Path
+    test: list[str]
+    cache: Path | None = None
+
+
+def prepare_seed(settings: LearnBenchSettings, seed: int, first_cfg: Any, *, progress: bool) -> SeedData:
+    """Generate (or reuse) the dataset of one seed, prepare the first method's cache, fix the split.
+
+    Raises:
+        ConfigError: the split cannot hold ``test_cases + val_cases`` and at least 2 training cases.
+    """
+    root = settings.out_dir / "data" / f"seed{seed}"
+    generate_dataset(root / "dataset", cases=settings.cases, seed=seed, shape=settings.shape)
+    cache = cache_dir(settings, seed, first_cfg)
+    manifest = prepare_dataset(root / "dataset", cache, first_cfg.data, workers=1, progress=False)
+    n = len(manifest.case_ids)
+    if n < settings.test_cases + settings.val_cases + 2:
+        raise ConfigError(f"--cases {settings.cases}: only {n} usable cases for {settings.test_cases} test + "
+                          f"{settings.val_cases} validation + >= 2 training cases; raise --cases")
+    splits_file = root / "splits.json"
+    if splits_file.is_file():
+        splits = Splits.load(splits_file, manifest.case_ids)
+    else:
+        split_cfg = SplitConfig(seed=seed, test_fraction=settings.test_cases / n, val_fraction=settings.val_cases / n)
+        splits = make_splits(manifest.case_ids, split_cfg)
+        splits.save(splits_file)
+    _say(f"seed {seed}: {n} cases, {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test",
+         progress)
+    return SeedData(seed, root / "dataset", splits_file, list(splits.test), cache)
+
+
+def cache_dir(settings: LearnBenchSettings, seed: int, cfg: Any) -> Path:
+    """``<out>/cache/seed<k>/<settings hash>``: shared by the methods with the same preprocessing."""
+    return settings.out_dir / "cache" / f"seed{seed}" / settings_hash(cache_settings(cfg.data))
+
+
+def method_overrides(settings: LearnBenchSettings, name: str, seed: int, data: SeedData | None) -> list[str]:
+    """Every override of one (method, seed) run, in order: bench, user, method, paths."""
+    run_dir = settings.out_dir / "runs" / name / f"seed{seed}"
+    paths = [f"seed={seed}", f"run_root={settings.out_dir}", f"run_dir={run_dir}"]
+    if data is not None:
+        paths += [f"data.root={data.root}", f"data.split.file={data.splits_file}"]
+    return [*common_overrides(settings.steps), *settings.overrides, *settings.methods[name], *paths]
+
+
+def load_method_config(settings: LearnBenchSettings, name: str, seed: int, data: SeedData | None) -> Any:
+    """The resolved config of one (method, seed) run (with its cache folder).
+
+    Raises:
+        ConfigError: naming the method, when its overrides do not make a valid config.
+    """
+    overrides = method_overrides(settings, name, seed, data)
+    try:
+        cfg = load_config(settings.base, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"method '{name}' ({' '.join(settings.methods[name]) or 'no overrides'}): {err}") from None
+    return load_config(settings.base, [*overrides, f"data.cache_dir={cache_dir(settings, seed, cfg)}"])
+
+
+def validation_history(run_dir: Path) -> list[list[float]]:
+    """``[[step, val/dice], ...]`` from the run's ``metrics.jsonl``."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [[float(r["step"]), float(r["val/dice"])] for r in read_metrics(path)
+            if "val/dice" in r and "step" in r and r["val/dice"] is not None]
+
+
+def run_method(settings: LearnBenchSettings, name: str, data: SeedData, *, progress: bool) -> dict[str, Any]:
+    """Train, predict and score one (method, seed); reuse ``bench_result.json`` when it is up to date."""
+    cfg = load_method_config(settings, name, data.seed, data)
+    run_dir = Path(cfg.run_dir)
+    overrides = method_overrides(settings, name, data.seed, data)
+    fingerprint = _fingerprint(overrides)
+    done = _read_json(run_dir / RESULT)
+    if done is not None and done.get("fingerprint") == fingerprint:
+        _say(f"{name} seed {data.seed}: done before, reused", progress)
+        return done
+    trained = _read_json(run_dir / "bench_train.json")
+    if trained is None or trained.get("fingerprint") != fingerprint:
+        resumed = find_latest(run_dir) is not None
+        _say(f"{name} seed {data.seed}: training {settings.steps} steps" + (" (resuming)" if resumed else ""),
+             progress)
+        t0, c0 = time.perf_counter(), _cpu_seconds()
+        with _pipeline_output(progress):
+            result = run_experiment(cfg, stages="prepare,train", resume=True, progress=False)
+        steps = int(getattr(result.train, "steps", 0) or 0)
+        trained = {"fingerprint": fingerprint, "seconds": time.perf_counter() - t0,
+                   "cpu_seconds": _cpu_seconds() - c0, "steps": steps, "resumed": resumed}
+        atomic_write_json(run_dir / "bench_train.json", trained)
+    _say(f"{name} seed {data.seed}: predicting {len(data.test)} test cases", progress)
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    # the saved config: the same run, with the split and cache the train stage resolved
+    with _pipeline_output(progress):
+        run_experiment(load_config(run_dir / "config.yaml"), stages="prepare,predict", resume=True, progress=False)
+    sample_s, sample_cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    report = evaluate(run_dir / "predictions", data.root, run_dir / "evaluation", iou_threshold=settings.iou_threshold,
+                      cases=data.test, progress=False)
+    ceiling = Manifest.open(cfg.data.cache_dir).data.get("resolution_ceiling", {})
+    out = {
+        "method": name, "seed": data.seed, "fingerprint": fingerprint, "overrides": list(settings.methods[name]),
+        "run_dir": str(run_dir), "steps": trained["steps"], "train_seconds": trained["seconds"],
+        "train_cpu_seconds": trained["cpu_seconds"], "train_resumed": trained["resumed"],
+        "sample_seconds": sample_s, "sample_cpu_seconds": sample_cpu,
+        "history": validation_history(run_dir), "resolution_ceiling": ceiling.get("mean_dice"),
+        "cases": report["cases"],
+    }
+    atomic_write_json(run_dir / RESULT, json_safe(out))
+    _say(f"{name} seed {data.seed}: test Dice {np.mean([r['dice'] for r in report['cases']]):.3f} "
+         f"(train {trained['seconds']:.0f} s, sample {sample_s:.0f} s)", progress)
+    return out
+
+
+def run_references(settings: LearnBenchSettings, data: SeedData, *, progress: bool) -> dict[str, list[dict]]:
+    """Score the three references on the seed's test cases (reused when done)."""
+    out_root = settings.out_dir / "references" / f"seed{data.seed}"
+    key = {"test": data.test, "cache": str(data.cache), "iou": settings.iou_threshold}
+    done = _read_json(out_root / RESULT)
+    if done is not None and done.get("key") == key:
+        return done["cases"]
+    folders = write_references(data.root, data.cache, out_root, cases=data.test, progress=False)
+    cases = {name: evaluate(folders[name], data.root, folders[name].parent / "evaluation",
+                            iou_threshold=settings.iou_threshold, cases=data.test, progress=False)["cases"]
+             for name in REFERENCES}
+    atomic_write_json(out_root / RESULT, json_safe({"key": key, "cases": cases}))
+    _say(f"seed {data.seed} references: " + ", ".join(
+        f"{n} {np.mean([r['dice'] for r in rows]):.3f}" for n, rows in cases.items()), progress)
+    return cases
+
+
+def run_learn_bench(settings: LearnBenchSettings, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the benchmark and write its report (see the module docstring).
+
+    Returns:
+        The report (also in ``<out>/report.json``): ``settings``, ``methods`` and ``references``
+        (per name: every metric's mean / CI, the paired differences, times, validation history),
+        ``table``, ``plots``, ``wall_seconds``, ``cpu_seconds``, ``load_average``.
+
+    Raises:
+        ConfigError: a method's overrides are invalid (checked for every method before anything
+            runs), an unknown reference name, or too few cases for the split.
+    """
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    load_start = _load_average()
+    if not settings.methods:
+        raise ConfigError("bench learn: no method to run")
+    for ref in settings.references:
+        if ref not in settings.methods and ref not in REFERENCES:
+            raise ConfigError(f"--reference: unknown name '{ref}'; allowed: a method ({', '.join(settings.methods)}) "
+                              f"or a reference ({', '.join(REFERENCES)})")
+    names = list(settings.methods)
+    for name in names:  # every config is checked before the first minute of training
+        load_method_config(settings, name, settings.seeds[0], None)
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict[int, list[dict]]] = {n: {} for n in [*names, *REFERENCES]}
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for seed in settings.seeds:
+        first = load_method_config(settings, names[0], seed, None)
+        data = prepare_seed(settings, seed, first, progress=progress)
+        for name, cases in run_references(settings, data, progress=progress).items():
+            rows[name][seed] = cases
+        for name in names:
+            res = run_method(settings, name, data, progress=progress)
+            runs[name].append(res)
+            rows[name][seed] = res["cases"]
+    report = summarize(settings, rows, runs)
+    report.update({"wall_seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - c0,
+                   "load_average": {"start": load_start, "end": _load_average()},
+                   "cpu_count": os.cpu_count()})
+    report["table"] = format_table(report)
+    report["plots"] = [str(p) for p in write_plots(report, settings.out_dir)]
+    atomic_write_json(settings.out_dir / "report.json", json_safe(report))
+    atomic_write_text(settings.out_dir / "report.txt", report["table"] + "\n")
+    return report
+
+
+def summarize(settings: LearnBenchSettings, rows: Mapping[str, Mapping[int, list[dict]]],
+              runs: Mapping[str, list[dict]]) -> dict[str, Any]:
+    """Per method and reference: metric statistics, paired differences, times, validation history."""
+    out: dict[str, Any] = {"settings": _settings_dict(settings), "methods": {}, "references": {}}
+    for name, by_seed in rows.items():
+        entry: dict[str, Any] = {"metrics": metric_stats(by_seed, resamples=settings.bootstrap),
+                                 "paired": {ref: paired_difference(by_seed, rows[ref], resamples=settings.bootstrap)
+                                            for ref in settings.references if ref != name}}
+        if name in runs:
+            rs = runs[name]
+            entry.update({
+                "overrides": list(settings.methods[name]),
+                "steps": [r["steps"] for r in rs],
+                "train_seconds": _total_mean([r["train_seconds"] for r in rs]),
+                "sample_seconds": _total_mean([r["sample_seconds"] for r in rs]),
+                "train_cpu_seconds": _total_mean([r["train_cpu_seconds"] for r in rs]),
+                "sample_cpu_seconds": _total_mean([r["sample_cpu_seconds"] for r in rs]),
+                "resolution_ceiling": [r.get("resolution_ceiling") for r in rs],
+                "history": {str(r["seed"]): r["history"] for r in rs},
+                "run_dirs": [r["run_dir"] for r in rs],
+            })
+            out["methods"][name] = entry
+        else:
+            out["references"][name] = entry
+    return out
+
+
+def _total_mean(values: Sequence[float]) -> dict[str, float]:
+    return {"total": float(sum(values)), "mean": float(np.mean(values)) if values else 0.0}
+
+
+def _settings_dict(settings: LearnBenchSettings) -> dict[str, Any]:
+    d = dataclasses.asdict(settings)
+    d["out_dir"], d["base"] = str(settings.out_dir), str(settings.base)
+    d["common_overrides"] = common_overrides(settings.steps)
+    d["ci"] = ("95 % percentile bootstrap over test cases, resampled within each data seed "
+               f"({settings.bootstrap} resamples); paired differences bootstrapped the same way on "
+               "per-case differences")
+    return d
+
+
+# ------------------------------------------------------------------------------------- reporting
+
+
+def _ci_text(stats: Mapping[str, Any] | None, signed: bool = False) -> str:
+    if not stats or stats.get("mean") is None:
+        return "-"
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    lo, hi = stats["ci95"]
+    return f"{fmt.format(stats['mean'])} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """The readable table: one row per method and reference."""
+    refs = list(report["settings"]["references"])
+    header = ["method", "Dice [95% CI]", *(f"vs {r} [95% CI]" for r in refs), *(t for _, t, _ in TABLE_METRICS),
+              "train s", "sample s"]
+    body = []
+    for group in ("methods", "references"):
+        for name, entry in report[group].items():
+            m = entry["metrics"]
+            label = name if group == "methods" else f"{name} ({reference_label(name)})"
+            cells = [label, _ci_text(m.get("dice"))]
+            cells += [_ci_text(entry["paired"].get(r), signed=True) if r != name else "-" for r in refs]
+            for key, _, fmt in TABLE_METRICS:
+                v = (m.get(key) or {}).get("mean")
+                cells.append(fmt.format(v) if v is not None else "-")
+            for key in ("train_seconds", "sample_seconds"):
+                cells.append(f"{entry[key]['mean']:.0f}" if key in entry else "-")
+            body.append(cells)
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    s = report["settings"]
+    n = next(iter(report["methods"].values()))["metrics"]["dice"]["n"] if report["methods"] else 0
+    title = (f"bench learn: {len(s['seeds'])} data seeds x {s['test_cases']} test cases ({n} case scores), "
+             f"{s['steps']} steps per method; mean test Dice with a 95 % bootstrap CI (cases within seeds); "
+             "'vs X' = paired difference to X on the same cases; times = mean per seed")
+    return "\n".join([title, line(header), "-" * len(line(header)), *(line(r) for r in body)])
+
+
+def write_plots(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    """``dice_vs_steps.png`` and ``paired_differences.png`` (matplotlib via :mod:`medsegdiff.utils.plotting`)."""
+    paths = []
+    fig = new_figure(6, 4)
+    ax = fig.add_subplot()
+    for name, entry in report["methods"].items():
+        curves = [np.array(h) for h in entry["history"].values() if h]
+        if not curves:
+            continue
+        steps = sorted({float(s) for c in curves for s in c[:, 0]})
+        mean = [np.mean([c[c[:, 0] == s, 1].mean() for c in curves if (c[:, 0] == s).any()]) for s in steps]
+        ax.plot(steps, mean, marker="o", label=name)
+    for name, entry in report["references"].items():
+        d = entry["metrics"].get("dice", {}).get("mean")
+        if d is not None:
+            ax.axhline(d, linestyle="--", linewidth=1, color="grey")
+            ax.annotate(f"{name} (test)", (0, d), fontsize=7, color="grey", va="bottom")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("validation Dice (mean over seeds)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("Dice vs training steps")
+    fig.tight_layout()
+    paths.append(save_png(fig, out_dir / "dice_vs_steps.png"))
+
+    pairs = [(f"{name} - {ref}", st) for group in ("methods", "references") for name, e in report[group].items()
+             for ref, st in e["paired"].items() if st.get("mean") is not None]
+    fig = new_figure(6, 0.4 * len(pairs) + 1.2)
+    ax = fig.add_subplot()
+    for i, (_, st) in enumerate(pairs):
+        lo, hi = st["ci95"]
+        ax.errorbar(st["mean"], i, xerr=[[st["mean"] - lo], [hi - st["mean"]]], fmt="o", capsize=3)
+    ax.axvline(0.0, color="grey", linewidth=1)
+    ax.set_yticks(range(len(pairs)), [p[0] for p in pairs], fontsize=7)
+    ax.set_xlabel("paired test Dice difference (95 % CI)")
+    fig.tight_layout()
+    paths.append(save_png(fig, out_dir / "paired_differences.png"))
+    return paths
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on Linux/macOS
+        return None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/bench_learn", help="output folder (reused: finished runs are skipped)")
+    p.add_argument("--seeds", default=None, help="data seeds, comma-separated (default 0,1,2)")
+    p.add_argument("--cases", type=int, default=None, help="synthetic cases per seed (default 32)")
+    p.add_argument("--test-cases", type=int, default=None, help="test cases per seed (default 12)")
+    p.add_argument("--val-cases", type=int, default=None, help="validation cases per seed (default 3)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps of every method (default 300)")
+    p.add_argument("--methods-file", metavar="FILE.yaml", help="extra methods (see load_methods_file)")
+    p.add_argument("--methods", default="", help="run only these methods, comma-separated")
+    p.add_argument("--reference", default="", help="paired differences against these names (default cbf_rule,v1_x0)")
+    p.add_argument("--base", default=str(BASE_EXPERIMENT), help="base experiment file (default the quickstart)")
+    p.add_argument("--override", action="append", default=[], metavar="key=value",
+                   help="config override for every method (repeatable)")
+    p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default 2000)")
+    p.add_argument("--quick", action="store_true", help="seconds-long smoke version (tests)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+
+
+def settings_from_args(args: argparse.Namespace) -> LearnBenchSettings:
+    """:class:`LearnBenchSettings` from the command line (``--quick`` first, explicit flags win).
+
+    Raises:
+        ConfigError: bad flag values or methods file.
+    """
+    kw: dict[str, Any] = dict(QUICK) if args.quick else {}
+    overrides = list(QUICK_OVERRIDES) if args.quick else []
+    if args.seeds is not None:
+        try:
+            kw["seeds"] = [int(v) for v in args.seeds.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--seeds: got {args.seeds!r}; allowed: integers separated by commas, "
+                              "e.g. 0,1,2") from None
+    if not kw.get("seeds", [0]):
+        raise ConfigError("--seeds: empty; give at least one seed, e.g. --seeds 0,1,2")
+    for flag, key in (("cases", "cases"), ("test_cases", "test_cases"), ("val_cases", "val_cases"),
+                      ("steps", "steps"), ("bootstrap", "bootstrap")):
+        value = getattr(args, flag)
+        if value is not None:
+            if value < 1:
+                raise ConfigError(f"--{flag.replace('_', '-')}: got {value}; allowed: an integer >= 1")
+            kw[key] = value
+    extra, only, refs = None, None, None
+    if args.methods_file:
+        loaded = load_methods_file(args.methods_file)
+        extra, only, refs = loaded["methods"], loaded["only"], loaded["reference"]
+        overrides += loaded["overrides"]
+    if args.methods:
+        only = [m.strip() for m in args.methods.split(",") if m.strip()]
+    elif args.quick and only is None:
+        only = list(QUICK_METHODS)
+    if args.reference:
+        refs = [r.strip() for r in args.reference.split(",") if r.strip()]
+    base = Path(args.base)
+    if not base.is_file():
+        raise ConfigError(f"--base: {base} does not exist; pass an experiment YAML (default {BASE_EXPERIMENT})")
+    methods = select_methods(DEFAULT_METHODS, extra, only)
+    if refs is None:
+        refs = [r for r in DEFAULT_REFERENCES if r in methods or r in ("tmax", "cbf_rule", "ceiling")]
+    return LearnBenchSettings(out_dir=Path(args.out), methods=methods, references=refs, base=base,
+                              overrides=[*overrides, *args.override], **kw)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """``medsegdiff bench learn``: print the table; return a short JSON summary."""
+    settings = settings_from_args(args)
+    report = run_learn_bench(settings, progress=not args.no_progress)
+    print(report["table"], file=sys.stderr, flush=True)
+    return {
+        "out_dir": str(settings.out_dir), "report": str(settings.out_dir / "report.json"),
+        "plots": report["plots"], "wall_seconds": round(report["wall_seconds"], 1),
+        "cpu_seconds": round(report["cpu_seconds"], 1), "load_average": report["load_average"],
+        "dice": {name: e["metrics"]["dice"] for group in ("methods", "references")
+                 for name, e in report[group].items()},
+    }
+
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "LearnBenchSettings",
+    "format_table",
+    "load_methods_file",
+    "paired_difference",
+    "run_learn_bench",
+    "select_methods",
+    "stratified_bootstrap",
+    "summarize",
+    "write_plots",
+]

@@ -1,0 +1,153 @@
+"""Learning benchmark: statistics from first principles, the methods file, and a --quick run end to end."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+
+from medsegdiff.bench.learn import (
+    DEFAULT_METHODS,
+    LearnBenchSettings,
+    load_methods_file,
+    metric_stats,
+    paired_difference,
+    run_learn_bench,
+    select_methods,
+    stratified_bootstrap,
+)
+from medsegdiff.cli import main
+from medsegdiff.errors import ConfigError
+
+
+def test_bootstrap_resamples_within_each_seed():
+    # seed A: all 0, seed B: all 1, equal sizes -> every stratified resample has mean exactly 0.5
+    st = stratified_bootstrap([np.zeros(6), np.ones(6)], resamples=500)
+    assert st["mean"] == 0.5 and st["ci95"] == [0.5, 0.5] and st["n"] == 12
+    # an unstratified bootstrap of the same 12 values would spread (binomial): the CI is not a point
+    pooled = stratified_bootstrap([np.r_[np.zeros(6), np.ones(6)]], resamples=500)
+    assert pooled["ci95"][0] < 0.4 and pooled["ci95"][1] > 0.6
+
+
+def test_bootstrap_ci_covers_the_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(1)
+    small = stratified_bootstrap([rng.normal(0.5, 0.1, 8)], resamples=2000)
+    large = stratified_bootstrap([rng.normal(0.5, 0.1, 200)], resamples=2000)
+    for st in (small, large):
+        assert st["ci95"][0] < st["mean"] < st["ci95"][1]
+    width = lambda s: s["ci95"][1] - s["ci95"][0]  # noqa: E731
+    assert width(large) < width(small) / 3  # ~ 1 / sqrt(n)
+    # the normal-theory half width 1.96 sd / sqrt(n) is what the percentile bootstrap approximates
+    assert width(large) / 2 == pytest.approx(1.96 * large["sd"] / np.sqrt(200), rel=0.2)
+    assert stratified_bootstrap([np.array([np.nan])])["mean"] is None
+
+
+def test_paired_difference_matches_cases_by_seed_and_id():
+    a = {0: [{"case_id": "c1", "dice": 0.9}, {"case_id": "c2", "dice": 0.3}],
+         1: [{"case_id": "c1", "dice": 0.5}]}
+    b = {0: [{"case_id": "c2", "dice": 0.2}, {"case_id": "c1", "dice": 0.8}, {"case_id": "c9", "dice": 0.0}],
+         1: [{"case_id": "c1", "dice": 0.4}]}
+    st = paired_difference(a, b, resamples=300)  # every shared case is exactly +0.1 better
+    assert st["n"] == 3 and st["mean"] == pytest.approx(0.1)
+    assert st["ci95"] == pytest.approx([0.1, 0.1]) and st["sd"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_extra_per_case_metrics_pass_through():
+    rows = {0: [{"case_id": "a", "dice": 1.0, "ece": 0.25, "hd95": None}, {"case_id": "b", "dice": 0.0, "ece": 0.75}]}
+    stats = metric_stats(rows, resamples=100)
+    assert stats["ece"]["mean"] == 0.5 and stats["dice"]["n"] == 2
+    assert stats["hd95"]["mean"] is None  # NaN (JSON null) values are dropped
+
+
+def test_methods_file_forms_and_errors(tmp_path):
+    good = tmp_path / "methods.yaml"
+    good.write_text("methods:\n  v1_vpred: [diffusion.predict_xstart=false]\n"
+                    "  v2_lr: {model.name: medsegdiff_v2, optim.lr: 3.0e-4}\n"
+                    "reference: cbf_rule\noverrides: [train.batch_size=8]\n")
+    loaded = load_methods_file(good)
+    assert loaded["methods"] == {"v1_vpred": ["diffusion.predict_xstart=false"],
+                                 "v2_lr": ['model.name="medsegdiff_v2"', "optim.lr=0.0003"]}
+    assert loaded["reference"] == ["cbf_rule"] and loaded["overrides"] == ["train.batch_size=8"]
+    assert list(select_methods(DEFAULT_METHODS, loaded["methods"], None)) == [*DEFAULT_METHODS, "v1_vpred", "v2_lr"]
+    assert list(select_methods(DEFAULT_METHODS, loaded["methods"], ["v2_lr", "v1_x0"])) == ["v2_lr", "v1_x0"]
+    with pytest.raises(ConfigError, match=r"--methods: unknown method\(s\) nope; known: v1_x0"):
+        select_methods(DEFAULT_METHODS, None, ["nope"])
+    cases = {
+        "methodz: {}\n": r"expected a mapping with a 'methods' key",
+        "methods: {a: [x=1]}\nrefrence: a\n": r"unknown key\(s\) refrence; allowed: methods, only, reference",
+        "methods: {'a b': [x=1]}\n": r"method name 'a b' is not allowed",
+        "methods: {a: [optim.lr]}\n": r"methods.a: expected a list of 'key=value' overrides",
+        "methods: {a: [x=1]}\n: [\n": r"cannot be read",
+    }
+    for i, (text, pattern) in enumerate(cases.items()):
+        bad = tmp_path / f"bad{i}.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=pattern):
+            load_methods_file(bad)
+
+
+def test_an_invalid_method_stops_before_anything_runs(tmp_path):
+    settings = LearnBenchSettings(out_dir=tmp_path / "out", methods={"v1_x0": [], "typo": ["optim.lrr=1e-3"]},
+                                  references=["cbf_rule"])
+    with pytest.raises(ConfigError, match=r"method 'typo' \(optim.lrr=1e-3\): .*optim.lrr"):
+        run_learn_bench(settings, progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match=r"--reference: unknown name 'oracle'"):
+        run_learn_bench(LearnBenchSettings(out_dir=tmp_path / "o2", references=["oracle"]), progress=False)
+
+
+# ------------------------------------------------------------------------------- --quick, end to end
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_learn") / "out"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+        code = main(["bench", "learn", "--quick", "--out", str(out), "--no-progress"])
+    return out, code, buf.getvalue()
+
+
+def test_quick_run_reports_every_method_and_reference(quick):
+    out, code, stdout = quick
+    assert code == 0
+    summary = json.loads(stdout)
+    report = json.loads((out / "report.json").read_text())
+    assert summary["report"] == str(out / "report.json") and summary["wall_seconds"] > 0
+    assert list(report["methods"]) == ["v1_x0", "dynunet"]
+    assert list(report["references"]) == ["tmax", "cbf_rule", "ceiling"]
+    for name, entry in {**report["methods"], **report["references"]}.items():
+        m = entry["metrics"]
+        assert m["dice"]["n"] == 4, name  # 2 seeds x 2 test cases
+        for key in ("dice", "lesion_f1", "avd_ml", "precision", "recall"):  # evaluate's keys passed through
+            assert key in m, (name, key)
+        assert 0.0 <= m["dice"]["ci95"][0] <= m["dice"]["mean"] <= m["dice"]["ci95"][1] <= 1.0
+        assert "cbf_rule" in entry["paired"] or name == "cbf_rule"
+    v1 = report["methods"]["v1_x0"]
+    assert v1["steps"] == [4, 4] and v1["train_seconds"]["mean"] > 0 and v1["sample_seconds"]["mean"] > 0
+    assert [h[0] for h in v1["history"]["0"]] == [4.0]  # validation history for the Dice-vs-steps plot
+    # the paired difference is the per-case difference on the same cases
+    rows = {s: json.loads((out / "runs" / "v1_x0" / f"seed{s}" / "bench_result.json").read_text())["cases"]
+            for s in (0, 1)}
+    refs = {s: json.loads((out / "references" / f"seed{s}" / "bench_result.json").read_text())["cases"]["cbf_rule"]
+            for s in (0, 1)}
+    diff = np.mean([a["dice"] - b["dice"] for s in (0, 1) for a, b in zip(rows[s], refs[s])])
+    assert v1["paired"]["cbf_rule"]["mean"] == pytest.approx(diff)
+    assert report["references"]["ceiling"]["metrics"]["dice"]["mean"] >= 0.9
+    for name in ("dice_vs_steps.png", "paired_differences.png", "report.txt"):
+        assert (out / name).stat().st_size > 0
+    table = (out / "report.txt").read_text()
+    assert "Dice [95% CI]" in table and "cbf_rule (Tmax > 6 s & CBF < 15 rule)" in table
+
+
+def test_a_second_run_reuses_finished_runs(quick):
+    out = quick[0]
+    stamp = (out / "runs" / "v1_x0" / "seed0" / "bench_result.json").stat().st_mtime_ns
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["bench", "learn", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert (out / "runs" / "v1_x0" / "seed0" / "bench_result.json").stat().st_mtime_ns == stamp
+    assert json.loads(buf.getvalue())["wall_seconds"] < 30
