@@ -12,7 +12,8 @@ numbers that can be trusted:
    (``experiments/quickstart.yaml``) and the bench's common overrides (:func:`common_overrides`:
    equal optimiser steps ``train.steps`` with no time budget, validation every quarter of the
    run, DDIM 25 with one member for the test predictions, no W&B). Defaults:
-   :data:`DEFAULT_METHODS` (V1 x0, V1 with the paper's epsilon objective, V2, DynUNet). A YAML
+   :data:`DEFAULT_METHODS` (V1 x0, V1 with the paper's epsilon objective, V1 with v-prediction and
+   self-conditioning, V2, DynUNet). A YAML
    file adds more (:func:`load_methods_file`); any new config option is a one-line method.
 3. **Runs.** Each (method, seed) is a normal run directory ``runs/<method>/seed<k>`` made by the
    public pipeline (:func:`medsegdiff.pipeline.run.run_experiment`, stages
@@ -83,6 +84,8 @@ BASE_EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "quickst
 DEFAULT_METHODS: dict[str, list[str]] = {
     "v1_x0": [],
     "v1_eps": ["diffusion.predict_xstart=false", "loss.timestep_weighting=snr"],  # the paper's objective
+    # the epsilon family made to learn (docs/objectives.md): v-prediction + self-conditioning
+    "v1_v_sc": ["diffusion.predict_xstart=false", "diffusion.predict_v=true", "diffusion.self_condition=true"],
     "v2_x0": ["model.name=medsegdiff_v2"],
     "dynunet": ["model.name=dynunet", "loss.diffusion_weight=0.0", "inference.ensemble=1"],
 }
@@ -142,7 +145,7 @@ def common_overrides(steps: int) -> list[str]:
     return [
         f"train.steps={steps}", "train.time_budget_s=0", f"train.validation.every={every}",
         "train.validation.max_cases=0", "train.validation.respacing=ddim25", "train.validation.ensemble=1",
-        f"train.checkpoint_every={every}", "inference.respacing=ddim25", "inference.ensemble=1",
+        f"train.checkpoint_every={every}", "inference.respacing=ddim25", "inference.ensemble=3",
         "inference.overlays=false", "tracking.backend=none", "data.synthetic.generate=false",
     ]
 
