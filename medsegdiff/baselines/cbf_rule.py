@@ -17,8 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
 
 from medsegdiff.baselines.tmax import report_skipped, select_cases, write_mask
+from medsegdiff.data.discovery import discover_cases
+from medsegdiff.data.loading import read_image
 from medsegdiff.errors import DataError
 
 TMAX_THRESHOLD = 6.0
@@ -69,12 +73,6 @@ def cbf_rule_baseline(
         DataError: a cache was given, no case has both maps, an unknown case id, or an unreadable
             or mismatched map.
     """
-    import SimpleITK as sitk
-    from tqdm import tqdm
-
-    from medsegdiff.data.discovery import discover_cases
-    from medsegdiff.data.loading import read_image
-
     data, out_dir = Path(data), Path(out_dir)
     if (data / "manifest.json").is_file():
         raise DataError(f"{data}: the CBF rule needs the native CBF and Tmax maps; pass the data root, "

@@ -13,7 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from tqdm import tqdm
+
 from medsegdiff.baselines.tmax import select_cases, write_mask
+from medsegdiff.data.cache import Manifest
+from medsegdiff.data.preprocess import roundtrip_mask
 from medsegdiff.errors import DataError
 
 LABEL = "resolution ceiling"
@@ -35,11 +39,6 @@ def ceiling_baseline(cache: str | Path, out_dir: str | Path, *, cases: Sequence[
     Raises:
         DataError: not a cache, an unknown case, or no case with a reference mask.
     """
-    from tqdm import tqdm
-
-    from medsegdiff.data.cache import Manifest
-    from medsegdiff.data.preprocess import roundtrip_mask
-
     cache, out_dir = Path(cache), Path(out_dir)
     manifest = Manifest.open(cache)
     ids = [cid for cid in select_cases(manifest.case_ids, cases, cache) if manifest.case(cid).has_mask]

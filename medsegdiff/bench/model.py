@@ -25,6 +25,16 @@ import sys
 import time
 from typing import Any
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from medsegdiff.config import configs_dir, load_config
+from medsegdiff.config.data import MODALITIES
+from medsegdiff.errors import ConfigError
+from medsegdiff.nets.blocks import repeat_features
+from medsegdiff.nets.registry import build_model
+from medsegdiff.utils.runtime import autocast, resolve_device, torch_threads
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presets", default="tiny,small", help="comma-separated presets (tiny, small, base, large)")
@@ -47,10 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _config(preset: str, name: str, size: int, channels: int, learn_sigma: bool) -> Any:
-    from medsegdiff.config import configs_dir, load_config
-    from medsegdiff.config.data import MODALITIES
-    from medsegdiff.errors import ConfigError
-
     if not 1 <= channels <= len(MODALITIES):
         raise ConfigError(f"--channels {channels}: allowed 1 .. {len(MODALITIES)}")
     path = configs_dir() / "model" / f"{preset}.yaml"
@@ -63,8 +69,6 @@ def _config(preset: str, name: str, size: int, channels: int, learn_sigma: bool)
 
 
 def _sync(device) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -76,8 +80,6 @@ def _maxrss_mb() -> float:
 
 @contextlib.contextmanager
 def _peak(device, out: dict[str, float]):
-    import torch
-
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -104,20 +106,12 @@ def _time(fn, device, iters: int, warmup: int) -> float:
 
 
 def _gflops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops() / 1e9
 
 
 def _bench_one(cfg, args, device) -> dict[str, Any]:
-    import torch
-
-    from medsegdiff.nets.blocks import repeat_features
-    from medsegdiff.nets.registry import build_model
-    from medsegdiff.utils.runtime import autocast
-
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     diffusion = bool(getattr(model, "is_diffusion", False))
@@ -224,10 +218,6 @@ def _bench_one(cfg, args, device) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    from medsegdiff.utils.runtime import resolve_device, torch_threads
-
     device = resolve_device(args.device)
     out: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from medsegdiff.config import ExperimentConfig, describe, dump_config, load_config
+from medsegdiff.nets.registry import build_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,9 +41,5 @@ def check_model_builds(cfg) -> None:
     Raises:
         ConfigError: the model cannot be built for this data geometry.
     """
-    import torch
-
-    from medsegdiff.nets.registry import build_model
-
     with torch.device("meta"):
         build_model(cfg)

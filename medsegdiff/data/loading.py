@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import SimpleITK as sitk
 
 from medsegdiff.errors import DataError
 
@@ -122,8 +123,6 @@ class Geometry:
 
     def reference_image(self, pixel_id: int | None = None) -> sitk.Image:
         """An all-zero image on this grid (default pixel type uint8), e.g. for resampling onto it."""
-        import SimpleITK as sitk
-
         img = sitk.Image([int(v) for v in self.size], sitk.sitkUInt8 if pixel_id is None else pixel_id)
         img.SetSpacing(self.spacing)
         img.SetOrigin(self.origin)
@@ -237,8 +236,6 @@ def read_image(path: str | os.PathLike[str]) -> sitk.Image:
         DataError: missing file, 0-byte file, truncated or corrupt gzip, unreadable file, image
             with no voxels.
     """
-    import SimpleITK as sitk
-
     p = Path(path)
     if not p.is_file():
         raise DataError(f"image file {p} does not exist")
@@ -310,8 +307,6 @@ def count_nonfinite_nifti(path: str | os.PathLike[str]) -> int:
 
 def read_geometry(path: str | os.PathLike[str]) -> Geometry:
     """Grid of an image file from its header only (no voxel data is read)."""
-    import SimpleITK as sitk
-
     p = Path(path)
     if not p.is_file():
         raise DataError(f"image file {p} does not exist")
@@ -386,8 +381,6 @@ def _reference(case: CaseFiles, modalities: Sequence[str]) -> tuple[Geometry, Pa
 
 def _read_checked(case_id: str, what: str, path: Path, ref: Geometry, ref_path: Path, tol: float,
                   notes: list[str]) -> np.ndarray:
-    import SimpleITK as sitk
-
     try:
         image = read_image(path)
     except DataError as err:

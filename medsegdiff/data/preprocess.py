@@ -35,6 +35,7 @@ last, so an interrupted ``prepare`` resumes: completed cases are kept, partial o
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import resource
 import sys
@@ -46,6 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+from tqdm.auto import tqdm
 
 from medsegdiff.config.data import CLINICAL_THRESHOLDS, DEFAULT_WINDOWS, DataConfig
 from medsegdiff.data.cache import (
@@ -61,6 +65,8 @@ from medsegdiff.data.cache import (
     read_done,
     settings_hash,
 )
+from medsegdiff.data.discovery import discover_cases
+from medsegdiff.data.loading import CaseError, Geometry, load_case
 from medsegdiff.errors import DataError
 from medsegdiff.utils.io import atomic_open, atomic_write_json
 
@@ -143,8 +149,6 @@ def equalize_positive(volume: np.ndarray, nbins: int = EQUALIZE_BINS) -> np.ndar
 
 
 def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
     for z in range(mask.shape[0]):
         if mask[z].any():
             mask[z] = ndimage.binary_fill_holes(mask[z])
@@ -153,8 +157,6 @@ def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 6-connected component of a boolean ``(Z, Y, X)`` mask (all False if empty)."""
-    from scipy import ndimage
-
     labels, n = ndimage.label(mask)
     if n == 0:
         return np.zeros(mask.shape, dtype=bool)
@@ -175,8 +177,6 @@ def brain_mask_from_ncct(ncct: np.ndarray, hu_range: tuple[float, float] = BRAIN
     Returns:
         bool ``(Z, Y, X)``.
     """
-    from scipy import ndimage
-
     mask = (ncct >= hu_range[0]) & (ncct <= hu_range[1])
     cross = np.zeros((1, 3, 3), dtype=bool)
     cross[0, 1, :] = cross[0, :, 1] = True
@@ -197,8 +197,6 @@ def support_mask(volumes: Iterable[np.ndarray]) -> np.ndarray:
 
 def lesion_statistics(mask: np.ndarray, voxel_volume_ml: float) -> dict[str, Any]:
     """``voxels``, ``ml`` and ``components`` (26-connectivity, as the official cc3d count) of a mask."""
-    from scipy import ndimage
-
     fg = mask > 0
     voxels = int(np.count_nonzero(fg))
     components = int(ndimage.label(fg, structure=np.ones((3, 3, 3), dtype=bool))[1]) if voxels else 0
@@ -227,8 +225,6 @@ def cache_geometry(native: Any, image_size: int) -> Any:
 
 
 def _to_sitk(volume: np.ndarray, geometry: Any) -> Any:
-    import SimpleITK as sitk
-
     img = sitk.GetImageFromArray(volume, isVector=False)
     img.SetSpacing([float(v) for v in geometry.spacing])
     img.SetOrigin([float(v) for v in geometry.origin])
@@ -253,8 +249,6 @@ def resample_inplane(volume: np.ndarray | list[np.ndarray], native: Any, target:
     Returns:
         ``(Z, H, W)`` float32 (``linear``) or uint8 (``soft``, ``nearest``).
     """
-    import SimpleITK as sitk
-
     if mode not in ("linear", "soft", "nearest"):
         raise ValueError(f"mode must be linear, soft or nearest, got {mode!r}")
     if isinstance(volume, list):
@@ -362,8 +356,6 @@ def ceiling_message(summary: Mapping[str, Any]) -> str:
 
 def _stored_ceiling(case_dir: Path, record: Mapping[str, Any]) -> float | None:
     """The ceiling of an already cached case (from its ``mask.npy`` and ``native.npz``)."""
-    from medsegdiff.data.loading import Geometry
-
     if not record.get("has_mask", True):
         return None
     try:
@@ -414,8 +406,6 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 def _load_one(case: Any, data_cfg: DataConfig, modality: str, *, with_mask: bool) -> Any:
     """``load_case`` restricted to one modality (and the mask only if asked): one volume in memory."""
-    from medsegdiff.data.loading import load_case
-
     one = dataclasses.replace(case, images={modality: case.images[modality]},
                               mask=case.mask if with_mask else None, missing=[])
     return load_case(one, dataclasses.replace(data_cfg, modalities=[modality]))
@@ -568,8 +558,6 @@ def prepare_case(case: Any, data_cfg: DataConfig, case_dir: str | os.PathLike[st
         ``{"status": "ok", "record", "seconds", "cpu_seconds", "peak_rss_mb"}`` or ``{"status":
         "skipped", "case_id", "reason", ...}`` when the case cannot be loaded (:class:`~medsegdiff.data.loading.CaseError`).
     """
-    from medsegdiff.data.loading import CaseError
-
     case_dir = Path(case_dir)
     (case_dir / DONE).unlink(missing_ok=True)  # never a stale marker next to new partial files
     start, cpu = time.perf_counter(), _cpu_seconds()
@@ -597,8 +585,6 @@ def _case_id(case: Any) -> str:
 def _discover(data_root: Path, data_cfg: DataConfig, require_mask: bool = True
               ) -> tuple[list[Any], list[dict[str, str]], list[str]]:
     """Complete cases, skipped incomplete ones (or DataError with ``missing_modality: fail``), problems."""
-    from medsegdiff.data.discovery import discover_cases
-
     result = discover_cases(data_root, data_cfg.modalities, layout=data_cfg.layout, require_mask=require_mask)
     cases, skipped = [], []
     for case in result.cases:
@@ -642,8 +628,6 @@ def prepare_dataset(data_root: str | os.PathLike[str], cache_dir: str | os.PathL
     Raises:
         DataError: missing data root, no usable case, or a bad case with ``data.on_error: fail``.
     """
-    from tqdm.auto import tqdm
-
     data_root = Path(data_root)
     cache_dir = Path(cache_dir)
     if not data_root.is_dir():
@@ -755,8 +739,6 @@ def _run_pool(todo: list[Any], data_cfg: DataConfig, cache_dir: Path, digest: st
 
 def read_manifest_json(path: Path) -> dict[str, Any] | None:
     """The raw manifest JSON, or None if absent or unreadable."""
-    import json
-
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -33,14 +33,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
 
 from medsegdiff.data.discovery import discover_cases
+from medsegdiff.data.loading import read_image
 from medsegdiff.errors import DataError
 from medsegdiff.inference.members import members_path, read_members
 from medsegdiff.metrics.isles24 import METRIC_KEYS, OFFICIAL_METRICS, case_metrics, summarize
 from medsegdiff.metrics.uncertainty import UNCERTAINTY_KEYS, uncertainty_metrics
 from medsegdiff.utils.io import atomic_write_json, atomic_write_text
 from medsegdiff.utils.jsonable import json_safe
+from medsegdiff.utils.plotting import PREDICTION_COLOR, REFERENCE_COLOR, new_figure, save_png
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +118,6 @@ def find_references(gt: str | Path) -> dict[str, Path]:
 
 
 def _read_info(path: Path, what: str) -> Any:
-    import SimpleITK as sitk
-
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -149,10 +151,6 @@ def read_mask(path: str | Path, what: str = "mask", threshold: float | None = No
         DataError: the file is missing, truncated, unreadable, not a scalar 2-D/3-D image, or
             not binary while ``threshold`` is None.
     """
-    import SimpleITK as sitk
-
-    from medsegdiff.data.loading import read_image
-
     path = Path(path)
     try:
         image = read_image(path)  # also detects truncated .nii.gz (SimpleITK would read zeros)
@@ -234,8 +232,6 @@ def evaluate(
             unreadable file, a non-binary prediction without ``threshold``, or prediction grids
             that differ from their reference.
     """
-    from tqdm import tqdm
-
     if not 0.0 < iou_threshold <= 1.0:
         raise DataError(f"iou_threshold {iou_threshold}: must be in (0, 1]")
     connectivity = connectivity or None
@@ -323,8 +319,6 @@ def uncertainty_row(pred_dir: Path, case_id: str, pred_mask: np.ndarray, gt_mask
     Raises:
         DataError: files on another grid than the reference, or an unreadable members file.
     """
-    import SimpleITK as sitk
-
     paths = [members_path(pred_dir, case_id), pred_dir / f"{case_id}_prob.nii.gz",
              pred_dir / f"{case_id}_uncertainty.nii.gz"]
     if not all(p.is_file() for p in paths):
@@ -333,8 +327,6 @@ def uncertainty_row(pred_dir: Path, case_id: str, pred_mask: np.ndarray, gt_mask
         members, brain = read_members(paths[0])
     except (OSError, ValueError, KeyError) as err:
         raise DataError(f"members file {paths[0]}: cannot be read ({err}); re-run `medsegdiff predict`") from None
-    from medsegdiff.data.loading import read_image
-
     prob = sitk.GetArrayFromImage(read_image(paths[1]))
     unc = sitk.GetArrayFromImage(read_image(paths[2]))
     for name, arr in (("members", members[0]), ("brain", brain), ("probability", prob), ("uncertainty", unc)):
@@ -382,8 +374,6 @@ def write_volume_scatter(path: Path, rows: Sequence[dict[str, Any]], size: int =
     Returns:
         The axis maximum in mL (both axes run from 0 to it).
     """
-    from medsegdiff.utils.plotting import save_png
-
     fig, vmax = volume_scatter_figure(rows, size)
     save_png(fig, path)
     return vmax
@@ -398,8 +388,6 @@ def volume_scatter_figure(rows: Sequence[dict[str, Any]], size: int = 256) -> tu
     Returns:
         ``(figure, axis maximum in mL)``.
     """
-    from medsegdiff.utils.plotting import PREDICTION_COLOR, REFERENCE_COLOR, new_figure
-
     gt_v = np.array([r["gt_volume_ml"] for r in rows], dtype=np.float64)
     pr_v = np.array([r["pred_volume_ml"] for r in rows], dtype=np.float64)
     vmax = float(max(gt_v.max(initial=0.0), pr_v.max(initial=0.0))) * 1.05 or 1.0

@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+import SimpleITK as sitk
 
 CombineMethod = Literal["mean", "vote", "staple"]
 UncertaintyMethod = Literal["std", "entropy"]
@@ -60,8 +61,6 @@ def combine_staple(members: np.ndarray, threshold: float = 0.5) -> np.ndarray:
         ``(*S)`` float32 in [0, 1]. With one member, or when no member marks any voxel (STAPLE's
         sensitivity estimate is undefined then), the binarised mean is returned.
     """
-    import SimpleITK as sitk
-
     arr = _members_array(members)
     binary = (arr >= threshold).astype(np.uint8)
     if binary.shape[0] == 1 or not binary.any() or binary.all():

@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
 
 from medsegdiff.utils.io import atomic_write_text, atomic_write_with
+from medsegdiff.utils.plotting import HALO_COLOR, PREDICTION_COLOR, REFERENCE_COLOR, new_figure, save_png
 
 
 class GeometryLike(Protocol):
@@ -39,8 +42,6 @@ def geometry_image(geometry: GeometryLike, array: np.ndarray | None = None) -> A
     Raises:
         ValueError: ``array`` shape does not match ``geometry.size`` reversed.
     """
-    import SimpleITK as sitk
-
     size = tuple(int(s) for s in geometry.size)
     if array is None:
         array = np.zeros(size[::-1], dtype=np.float32)
@@ -71,8 +72,6 @@ def to_native(
     Returns:
         float32 ``(Z, Y, X)``; points outside the cache grid get 0.
     """
-    import SimpleITK as sitk
-
     src = geometry_image(cache_geometry, np.asarray(volume, dtype=np.float32))
     ref = geometry_image(native_geometry)
     interp = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}[interpolator]
@@ -82,8 +81,6 @@ def to_native(
 
 def write_nifti(path: str | os.PathLike[str], array: np.ndarray, geometry: GeometryLike) -> Path:
     """Write ``array`` ``(Z, Y, X)`` as compressed NIfTI with ``geometry``'s header, atomically."""
-    import SimpleITK as sitk
-
     img = geometry_image(geometry, array)
     path = Path(path)
     atomic_write_with(path, lambda tmp: sitk.WriteImage(img, tmp, True), suffix=".nii.gz")
@@ -150,8 +147,6 @@ def overlay_slices(pred: np.ndarray, reference: np.ndarray | None, n_slices: int
 
 def _contour(ax: Any, mask: np.ndarray, color: str, linestyle: Any) -> None:
     """Outline ``mask`` in ``color`` over a black halo, so it shows on dark and bright images."""
-    from medsegdiff.utils.plotting import HALO_COLOR
-
     if not mask.any():
         return
     m = np.pad(mask.astype(np.float32), 1)  # closed contours at the border too
@@ -190,7 +185,6 @@ def overlay_figure(
     """
     from matplotlib.lines import Line2D
 
-    from medsegdiff.utils.plotting import HALO_COLOR, PREDICTION_COLOR, REFERENCE_COLOR, new_figure
 
     img = np.asarray(image, dtype=np.float32)
     pm = np.asarray(pred) > 0
@@ -246,16 +240,12 @@ def write_overlay(
     Raises:
         OSError: the folder is not writable.
     """
-    from medsegdiff.utils.plotting import save_png
-
     return save_png(overlay_figure(image, pred, reference, case_id=case_id, n_slices=n_slices,
                                    min_tile=min_tile), path)
 
 
 def count_components(mask: np.ndarray) -> int:
     """Connected lesion components with 26-connectivity (as the ISLES'24 evaluation, cc3d)."""
-    from scipy import ndimage
-
     m = np.asarray(mask) > 0
     if not m.any():
         return 0

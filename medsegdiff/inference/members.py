@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from medsegdiff.data.preprocess import support_mask
 from medsegdiff.inference.export import to_native
 from medsegdiff.utils.io import atomic_write_bytes
 
@@ -40,8 +41,6 @@ def members_path(out_dir: str | os.PathLike[str], case_id: str) -> Path:
 
 def brain_region(image: np.ndarray) -> np.ndarray:
     """Support of a cached image ``(C, Z, H, W)``: any channel > 0, holes filled per slice -> bool ``(Z, H, W)``."""
-    from medsegdiff.data.preprocess import support_mask
-
     return support_mask(list(np.asarray(image)))
 
 

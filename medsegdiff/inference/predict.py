@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
+import json
 import os
 import re
 import sys
@@ -31,9 +33,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from medsegdiff.data.cache import cache_key, fitting_cache_keys
+from medsegdiff.config.base import to_dict
+from medsegdiff.config.loader import apply_overrides, config_from_dict, parse_override
+from medsegdiff.data.cache import MANIFEST, Manifest, cache_key, fitting_cache_keys
+from medsegdiff.data.datasets import SliceDataset
+from medsegdiff.data.preprocess import prepare_dataset
+from medsegdiff.diffusion.factory import build_diffusion
 from medsegdiff.errors import CheckpointError, ConfigError, DataError
+from medsegdiff.inference import ensemble as ens
+from medsegdiff.inference import export
+from medsegdiff.inference.calibration import calibration_settings, find_calibration
+from medsegdiff.inference.export import to_native
+from medsegdiff.inference.sampler import sample_probabilities, sampler_name
+from medsegdiff.training.checkpoint import load_for_inference
+from medsegdiff.utils.io import atomic_write_json
+from medsegdiff.utils.runtime import resolve_device, resolve_precision
 
 #: Keys that may be overridden at prediction time (everything else comes from the checkpoint).
 OVERRIDABLE = ("inference.", "diffusion.respacing", "diffusion.sampler", "diffusion.eta",
@@ -52,8 +68,6 @@ class _Source:
 
 
 def _check_overrides(overrides: Iterable[str]) -> list[str]:
-    from medsegdiff.config.loader import parse_override
-
     out = []
     for text in overrides:
         parts, _ = parse_override(text)
@@ -74,9 +88,6 @@ def apply_inference_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
     Raises:
         ConfigError: an override outside :data:`OVERRIDABLE`, or an invalid value.
     """
-    from medsegdiff.config.base import to_dict
-    from medsegdiff.config.loader import apply_overrides, config_from_dict
-
     overrides = _check_overrides(overrides)
     if not overrides:
         return cfg
@@ -84,8 +95,6 @@ def apply_inference_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
 
 
 def _is_cache(path: Path) -> bool:
-    from medsegdiff.data.cache import MANIFEST
-
     return path.is_dir() and (path / MANIFEST).is_file()
 
 
@@ -114,11 +123,6 @@ def _prepare_raw(path: Path, out_dir: Path, cfg: Any, progress: bool) -> tuple[A
     Returns:
         ``(manifest, built)``: ``built`` is True when the cache was (re)built by this call.
     """
-    import inspect
-
-    from medsegdiff.data.cache import MANIFEST
-    from medsegdiff.data.preprocess import prepare_dataset
-
     tag = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
     name = re.sub(r"[^A-Za-z0-9._-]", "_", path.resolve().name) or "data"
     cache_dir = out_dir / CACHE_SUBDIR / f"{name}-{tag}"
@@ -158,8 +162,6 @@ def resolve_sources(
         DataError: a path that does not exist, no cases found, modalities that do not match the
             checkpoint, or a requested case id that is not in the data.
     """
-    from medsegdiff.data.cache import Manifest
-
     paths = [Path(data)] if isinstance(data, (str, os.PathLike)) else [Path(p) for p in data]
     if not paths:
         raise DataError("no data given; pass --data DATA_ROOT, a case folder or a prepared cache")
@@ -208,8 +210,6 @@ def resolve_sources(
 
 def checkpoint_test_cases(checkpoint: str | os.PathLike[str]) -> list[str] | None:
     """The test subjects of the checkpoint's run (``<run>/splits.json``), or None without one."""
-    import json
-
     path = Path(checkpoint)
     run = path if path.is_dir() else path.parent.parent  # <run>/checkpoints/x.pt
     split_file = run / "splits.json"
@@ -259,8 +259,6 @@ def _reference_mask(case: Any) -> np.ndarray | None:
 
 def _volume(manifest: Any, case_id: str, cfg: Any) -> Any:
     """The 2-D model input of one case: ``(Z, C_in, H, W)`` (2.5-D context stacked as channels)."""
-    from medsegdiff.data.datasets import SliceDataset
-
     return SliceDataset(manifest, [case_id], context_slices=cfg.data.context_slices).volume(case_id)
 
 
@@ -283,10 +281,6 @@ class Predictor:
     """
 
     def __init__(self, checkpoint: Path, model: Any, cfg: Any, ckpt: dict[str, Any], overrides: list[str]) -> None:
-        from medsegdiff.diffusion.factory import build_diffusion
-        from medsegdiff.inference.calibration import calibration_settings, find_calibration
-        from medsegdiff.utils.runtime import resolve_device, resolve_precision
-
         self.checkpoint, self.model, self.cfg, self.ckpt, self.overrides = checkpoint, model, cfg, ckpt, overrides
         override_keys = {o.split("=", 1)[0].strip() for o in overrides}
         inf = cfg.inference
@@ -327,8 +321,6 @@ class Predictor:
             CheckpointError: missing, truncated or incompatible checkpoint.
             ConfigError: an override that may not or cannot be applied.
         """
-        from medsegdiff.training.checkpoint import load_for_inference
-
         path = Path(checkpoint)
         if not path.exists():
             raise CheckpointError(f"{path}: checkpoint not found; pass a checkpoints/*.pt file or a run directory")
@@ -342,10 +334,6 @@ class Predictor:
 
     def members(self, manifest: Any, case_id: str, *, progress: bool = False) -> np.ndarray:
         """Sampled member probabilities of one cached case: float32 ``(M, Z, H, W)`` on the cache grid."""
-        import torch
-
-        from medsegdiff.inference.sampler import sample_probabilities, sampler_name
-
         cfg = self.cfg
         gen = torch.Generator(device=self.device).manual_seed(_case_seed(cfg.seed, case_id))
         kwargs = dict(members=self.members_per_case, sampler=sampler_name(cfg), eta=cfg.diffusion.eta,
@@ -371,9 +359,6 @@ class Predictor:
             ``prob_cache``, ``unc_cache`` ``(Z, H, W)``; ``prob_native``, ``unc_native``,
             ``mask_native`` ``(Z, Y, X)``; ``mask_cache``; ``members_cache`` ``(M, Z, H, W)``.
         """
-        from medsegdiff.inference import ensemble as ens
-        from medsegdiff.inference.export import to_native
-
         inf = self.cfg.inference
         case = manifest.case(case_id)
         members = self.members(manifest, case_id, progress=progress)
@@ -426,10 +411,6 @@ def predict(
         ConfigError: an override that may not or cannot be applied.
         DataError: see :func:`resolve_sources`.
     """
-    from medsegdiff.config.base import to_dict
-    from medsegdiff.inference import export
-    from medsegdiff.utils.io import atomic_write_json
-
     pred = Predictor.load(checkpoint, overrides)
     cfg, inf = pred.cfg, pred.cfg.inference
     out = Path(out_dir)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from improved_diffusion import solvers
 from medsegdiff.diffusion.self_condition import concat_self_cond
@@ -285,8 +286,6 @@ def _discriminative(
 def _bar(progress: bool, total: int, desc: str) -> Any:
     if not progress:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="step", leave=False)
 
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+from monai.networks.nets import DynUNet
 
 from medsegdiff.errors import ConfigError
 
@@ -52,8 +53,6 @@ class DynUNetBaseline(nn.Module):
         name: str = "dynunet",
     ) -> None:
         super().__init__()
-        from monai.networks.nets import DynUNet
-
         self.name = name
         self.size = tuple(int(s) for s in size)
         self.dims = len(self.size)

@@ -8,6 +8,10 @@ from dataclasses import replace
 import torch.nn as nn
 
 from medsegdiff.errors import ConfigError
+from medsegdiff.nets.baseline import DynUNetBaseline
+from medsegdiff.nets.medsegdiff_v1 import MedSegDiffV1
+from medsegdiff.nets.medsegdiff_v2 import MedSegDiffV2
+from medsegdiff.nets.unet import NetSpec
 
 __all__ = ["MODELS", "build_model", "model_size", "register_model"]
 
@@ -33,8 +37,6 @@ def model_size(cfg) -> tuple[int, ...]:
 
 
 def _spec(cfg):
-    from medsegdiff.nets.unet import NetSpec
-
     spec = NetSpec.from_config(
         cfg.model,
         in_channels=cfg.data.in_channels,
@@ -48,15 +50,11 @@ def _spec(cfg):
 
 @register_model("medsegdiff_v1")
 def _build_v1(cfg) -> nn.Module:
-    from medsegdiff.nets.medsegdiff_v1 import MedSegDiffV1
-
     return MedSegDiffV1(_spec(cfg), ff_parser=cfg.model.ff_parser)
 
 
 @register_model("medsegdiff_v2")
 def _build_v2(cfg) -> nn.Module:
-    from medsegdiff.nets.medsegdiff_v2 import MedSegDiffV2
-
     m = cfg.model
     return MedSegDiffV2(
         _spec(cfg),
@@ -74,8 +72,6 @@ def _build_v2(cfg) -> nn.Module:
 
 @register_model("dynunet")
 def _build_dynunet(cfg) -> nn.Module:
-    from medsegdiff.nets.baseline import DynUNetBaseline
-
     return DynUNetBaseline(
         cfg.data.in_channels, model_size(cfg), cfg.model.dynunet_filters, res_block=cfg.model.dynunet_res_block
     )

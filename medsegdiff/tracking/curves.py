@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medsegdiff.utils.plotting import new_figure, save_png
+
 CURVES_FILE = "learning_curves.png"
 _NOT_A_LOSS = ("lr", "grad_norm", "step_time_s", "samples_per_s", "max_memory_gb", "max_rss_gb",
                "non_finite_steps", "skipped_step", "loss_scale")
@@ -42,16 +44,12 @@ def write_learning_curves(records: Sequence[dict[str, Any]], out_path: str | os.
     Raises:
         OSError: the file cannot be read or written.
     """
-    from medsegdiff.utils.plotting import save_png
-
     fig = learning_curves_figure(records)
     return None if fig is None else save_png(fig, out_path)
 
 
 def learning_curves_figure(records: Sequence[dict[str, Any]]) -> Any:
     """The two-panel figure of :func:`curve_series` (None without any curve)."""
-    from medsegdiff.utils.plotting import new_figure
-
     train, val = curve_series(records)
     if not train and not val:
         return None

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from medsegdiff.tracking.base import to_scalar
 
@@ -20,8 +21,6 @@ class ProgressTracker:
     """
 
     def __init__(self, inner: Any, total: int, *, desc: str = "train", enabled: bool = True) -> None:
-        from tqdm.auto import tqdm
-
         self.inner = inner
         self.bar = tqdm(total=total, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
         self._post: dict[str, str] = {}

@@ -26,6 +26,7 @@ import numpy as np
 
 from medsegdiff.config import ExperimentConfig, to_dict
 from medsegdiff.tracking.base import finite_or_none, to_scalar
+from medsegdiff.tracking.png import to_uint8
 
 logger = logging.getLogger("medsegdiff.tracking")
 
@@ -179,8 +180,6 @@ class WandbTracker:
         self.run.log({name: table}, step=int(step))
 
     def log_images(self, name: str, images: Mapping[str, np.ndarray], step: int) -> None:
-        from medsegdiff.tracking.png import to_uint8
-
         if self._pil is None:
             self._pil = importlib.util.find_spec("PIL") is not None
             if not self._pil:

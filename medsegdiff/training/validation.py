@@ -31,6 +31,11 @@ import numpy as np
 import torch
 
 from medsegdiff.config import ExperimentConfig
+from medsegdiff.data.datasets import SliceDataset
+from medsegdiff.inference.export import to_native
+from medsegdiff.inference.sampler import sample_probabilities, sampler_name
+from medsegdiff.inference.windows import sample_windows
+from medsegdiff.metrics.isles24 import case_metrics
 from medsegdiff.training.distributed import DistContext, all_gather_objects
 
 LOGGED = ("dice", "avd_ml", "lesion_f1", "lesion_count_diff")
@@ -65,8 +70,6 @@ class Validator:
     """
 
     def __init__(self, cfg: ExperimentConfig, manifest: Any, case_ids: Sequence[str], dist_ctx: DistContext) -> None:
-        from medsegdiff.data.datasets import SliceDataset
-
         vc = cfg.train.validation
         ids = list(case_ids)[: vc.max_cases] if vc.max_cases else list(case_ids)
         self.cfg = cfg
@@ -91,9 +94,6 @@ class Validator:
 
     def probabilities(self, model: torch.nn.Module, case_id: str, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Ensemble mean and standard deviation of the lesion probability, each ``(Z, H, W)`` (cache grid)."""
-        from medsegdiff.inference.sampler import sample_probabilities, sampler_name
-        from medsegdiff.inference.windows import sample_windows
-
         vc = self.cfg.train.validation
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed * 1_000_003 + step)
         diffusion = self.diffusion if getattr(model, "is_diffusion", True) else None
@@ -116,9 +116,6 @@ class Validator:
         return probs.mean(0).numpy(), probs.std(0, correction=0).numpy()
 
     def score_case(self, model: torch.nn.Module, case_id: str, step: int) -> dict[str, Any]:
-        from medsegdiff.inference.export import to_native
-        from medsegdiff.metrics.isles24 import case_metrics
-
         case = self.manifest.case(case_id)
         prob, spread = self.probabilities(model, case_id, step)
         if case_id == self.case_ids[0]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 
 from medsegdiff.utils.io import atomic_write_with
 
@@ -43,8 +44,6 @@ def save_png(fig: Any, path: str | os.PathLike[str]) -> Path:
     Raises:
         OSError: the folder is not writable (named in the error).
     """
-    import SimpleITK as sitk
-
     image = sitk.GetImageFromArray(figure_rgb(fig), isVector=True)
     path = Path(path)
     atomic_write_with(path, lambda tmp: sitk.WriteImage(image, tmp), suffix=".png")
