@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from improved_diffusion.losses import discretized_gaussian_log_likelihood, normal_kl
 from improved_diffusion.nn import mean_flat
@@ -656,8 +657,6 @@ class GaussianDiffusion:
             img = torch.randn(shape, device=device, generator=generator)
         indices: Sequence[int] = list(range(self.num_timesteps))[::-1]
         if progress:
-            from tqdm.auto import tqdm
-
             indices = tqdm(indices, desc="sampling", leave=False)
         return img, indices
 

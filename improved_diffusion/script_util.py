@@ -18,6 +18,7 @@ from typing import Any
 
 from improved_diffusion import gaussian_diffusion as gd
 from improved_diffusion.respace import SpacedDiffusion, space_timesteps
+from improved_diffusion.unet import UNetModel
 
 __all__ = [
     "NUM_CLASSES",
@@ -96,8 +97,6 @@ def create_model(
     Raises:
         ValueError: no channel-multiplier preset for ``image_size`` and none given.
     """
-    from improved_diffusion.unet import UNetModel
-
     if channel_mult is None:
         if image_size not in _CHANNEL_MULT:
             raise ValueError(

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import trange
 
 __all__ = [
     "Denoiser",
@@ -135,8 +136,6 @@ def _alpha_bars(diffusion: Any, ks: Sequence[int]) -> list[float]:
 
 
 def _steps(n: int, disable: bool | None) -> Any:
-    from tqdm.auto import trange
-
     return trange(n, disable=disable, leave=False)
 
 

@@ -114,7 +114,7 @@ def _gflops(fn) -> float:
 def _bench_one(cfg, args, device) -> dict[str, Any]:
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
-    diffusion = bool(getattr(model, "is_diffusion", False))
+    diffusion = bool(model.is_diffusion)
     s, c, b = cfg.data.image_size, cfg.data.in_channels, args.batch
     img = torch.randn(b, c, s, s, device=device)
     x = torch.randn(b, 1, s, s, device=device)

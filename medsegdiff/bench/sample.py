@@ -60,6 +60,7 @@ from medsegdiff.metrics.isles24 import case_metrics, summarize
 from medsegdiff.metrics.uncertainty import UNCERTAINTY_KEYS, uncertainty_metrics
 from medsegdiff.nets.blocks import repeat_features
 from medsegdiff.nets.registry import build_model
+from medsegdiff.utils.io import atomic_write_json, atomic_write_text
 from medsegdiff.utils.plotting import new_figure, save_png
 from medsegdiff.utils.runtime import autocast, resolve_device, torch_threads
 
@@ -314,8 +315,6 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
     add_paired_differences(result["settings"], reference=("ddim", max(nfes)))
     result["table"] = format_quality_table(result["settings"])
     if out_dir is not None:
-        from medsegdiff.utils.io import atomic_write_json, atomic_write_text
-
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / "bench_sample.json", _finite(result))
         atomic_write_text(out_dir / "bench_sample.txt", result["table"] + "\n")
@@ -412,8 +411,6 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
         "network_calls_per_volume_fast": steps * _calls_per_step(z, args.members, args.batch_size),
     }
     with torch_threads(args.threads or None):
-        from medsegdiff.inference.sampler import sample_probabilities
-
         variants = [("fp32", "fp32", False, False)]
         if device.type == "cuda":
             variants += [("bf16", "bf16", False, False), ("bf16_channels_last", "bf16", False, True)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from improved_diffusion._spacing import space_timesteps
 from medsegdiff.config.base import bad_value, option
 
 
@@ -63,8 +64,6 @@ class DiffusionConfig:
                 "below 1); or set diffusion.noise_schedule=cosine",
             )
         if self.respacing:
-            from improved_diffusion._spacing import space_timesteps
-
             try:
                 space_timesteps(self.steps, self.respacing)
             except ValueError as err:

@@ -40,12 +40,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from improved_diffusion.resample import LossAwareSampler, create_named_schedule_sampler
+from improved_diffusion.resample import (
+    LossAwareSampler,
+    LossSecondMomentResampler,
+    create_named_schedule_sampler,
+)
 from medsegdiff.config.schema import ExperimentConfig
 from medsegdiff.diffusion.self_condition import concat_self_cond
 from medsegdiff.errors import ConfigError
 from medsegdiff.losses.multitask import LossCombiner, min_snr_weights, snr_plus_one_weights, timestep_weights
 from medsegdiff.losses.segmentation import dice_bce_terms
+from medsegdiff.nets.registry import is_diffusion_model
 
 __all__ = [
     "DIFFUSION_TERMS",
@@ -113,7 +118,7 @@ class SegmentationObjective(nn.Module):
     def __init__(self, cfg: ExperimentConfig, diffusion: Any) -> None:
         super().__init__()
         self.loss_cfg = cfg.loss
-        self.discriminative = cfg.model.name == "dynunet"
+        self.discriminative = not is_diffusion_model(cfg.model.name)
         self.diffusion = diffusion
         lc = cfg.loss
         if self.discriminative:
@@ -153,13 +158,13 @@ class SegmentationObjective(nn.Module):
     # -- extra state: the loss-aware sampler's history travels with the objective's state_dict
     def get_extra_state(self) -> dict[str, Any]:
         sampler = self.schedule_sampler
-        if isinstance(sampler, LossAwareSampler) and hasattr(sampler, "state_dict"):
+        if isinstance(sampler, LossSecondMomentResampler):
             return {"schedule_sampler": sampler.state_dict()}
         return {}
 
     def set_extra_state(self, state: Any) -> None:
         sampler = self.schedule_sampler
-        if state and "schedule_sampler" in state and hasattr(sampler, "load_state_dict"):
+        if state and "schedule_sampler" in state and isinstance(sampler, LossSecondMomentResampler):
             sampler.load_state_dict(state["schedule_sampler"])
 
     def forward(
@@ -191,7 +196,7 @@ class SegmentationObjective(nn.Module):
             ConfigError: the model kind does not match ``model.name`` of the config.
             ValueError: mask/image shapes inconsistent.
         """
-        is_diffusion = bool(getattr(model, "is_diffusion", True))
+        is_diffusion = bool(model.is_diffusion)
         if is_diffusion == self.discriminative:
             kind = "diffusion" if is_diffusion else "discriminative"
             raise ConfigError(

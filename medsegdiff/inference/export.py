@@ -183,7 +183,7 @@ def overlay_figure(
     Returns:
         A ``matplotlib.figure.Figure`` on an Agg canvas (see :mod:`medsegdiff.utils.plotting`).
     """
-    from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D  # delayed: matplotlib is heavy, only overlays need it
 
 
     img = np.asarray(image, dtype=np.float32)
@@ -220,7 +220,7 @@ def overlay_figure(
 
 
 def _halo(color: str) -> list[Any]:
-    from matplotlib import patheffects
+    from matplotlib import patheffects  # delayed: matplotlib is heavy, only overlays need it
 
     return [patheffects.Stroke(linewidth=4.0, foreground=color), patheffects.Normal()]
 

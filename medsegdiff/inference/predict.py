@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from medsegdiff.config.base import to_dict
 from medsegdiff.config.loader import apply_overrides, config_from_dict, parse_override
@@ -44,9 +45,11 @@ from medsegdiff.diffusion.factory import build_diffusion
 from medsegdiff.errors import CheckpointError, ConfigError, DataError
 from medsegdiff.inference import ensemble as ens
 from medsegdiff.inference import export
+from medsegdiff.inference import members as mem
 from medsegdiff.inference.calibration import calibration_settings, find_calibration
 from medsegdiff.inference.export import to_native
 from medsegdiff.inference.sampler import sample_probabilities, sampler_name
+from medsegdiff.inference.windows import sample_windows
 from medsegdiff.training.checkpoint import load_for_inference
 from medsegdiff.utils.io import atomic_write_json
 from medsegdiff.utils.runtime import resolve_device, resolve_precision
@@ -290,17 +293,13 @@ class Predictor:
         self.device = resolve_device(cfg.device if "device" in override_keys else "auto")
         model.to(self.device).eval()
         if cfg.model.channels_last and self.device.type == "cuda":
-            import torch
-
             fmt = torch.channels_last_3d if cfg.data.dims == 3 else torch.channels_last
             model = model.to(memory_format=fmt)
         if cfg.model.compile:
-            import torch
-
             model = torch.compile(model)  # forward only; encode_image runs eagerly once per slice
         self.model = model
         self.precision = resolve_precision(inf.precision, self.device)
-        self.is_diffusion = bool(getattr(model, "is_diffusion", True))
+        self.is_diffusion = bool(model.is_diffusion)
         self.respacing = (inf.respacing or cfg.diffusion.respacing) if self.is_diffusion else ""
         # ConfigError (from the factory) for a respacing that cannot be built
         self.diffusion = build_diffusion(cfg.diffusion, self.respacing) if self.is_diffusion else None
@@ -340,8 +339,6 @@ class Predictor:
                       batch_size=cfg.inference.batch_size, generator=gen, progress=progress,
                       precision=self.precision, clip_denoised=cfg.diffusion.clip_denoised, desc=case_id)
         if cfg.data.dims == 3:  # sliding 3-D patches, all sampled in one batched call, then stitched
-            from medsegdiff.inference.windows import sample_windows
-
             volume = np.asarray(manifest.case(case_id).image, dtype=np.float32)  # (C, Z, H, W)
             return sample_windows(
                 lambda p: sample_probabilities(self.model, self.diffusion, torch.from_numpy(p).to(self.device),
@@ -423,8 +420,6 @@ def predict(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(todo), desc="predict", unit="case")
     rows, written = [], []
     chan = _overlay_channel(cfg.data.modalities)
@@ -435,8 +430,6 @@ def predict(
         paths = export.write_case(out, case_id, mask=res["mask_native"], prob=res["prob_native"],
                                   uncertainty=res["unc_native"], native_geometry=native_geo)
         if inf.write_members and pred.is_diffusion:  # for evaluate's uncertainty metrics
-            from medsegdiff.inference import members as mem
-
             masks, brain = mem.native_members(res["members_cache"], np.asarray(case.image, dtype=np.float32),
                                               pred.threshold, case.cache_geometry, native_geo)
             mem.write_members(mem.members_path(out, case_id), masks, brain)

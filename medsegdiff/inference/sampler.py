@@ -250,7 +250,7 @@ def sample_probabilities(
     try:
         with torch.inference_mode():
             images = images.float()
-            if not getattr(model, "is_diffusion", True):
+            if not model.is_diffusion:
                 return _discriminative(model, images, batch_size, device, precision)
             n, spatial = images.shape[0], tuple(images.shape[2:])
             vol_shape = (n, 1, *spatial)

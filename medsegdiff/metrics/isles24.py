@@ -177,7 +177,7 @@ def hd95_distance(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | N
     """
     # Delayed: torch + MONAI (~6 s to import) serve only this optional metric (`evaluate --no-hd95`).
     import torch
-    from monai.metrics import compute_hausdorff_distance
+    from monai.metrics import compute_hausdorff_distance  # delayed with torch (above)
 
     p = np.asarray(pred).astype(bool, copy=False)
     g = np.asarray(gt).astype(bool, copy=False)

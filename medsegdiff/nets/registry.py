@@ -13,20 +13,32 @@ from medsegdiff.nets.medsegdiff_v1 import MedSegDiffV1
 from medsegdiff.nets.medsegdiff_v2 import MedSegDiffV2
 from medsegdiff.nets.unet import NetSpec
 
-__all__ = ["MODELS", "build_model", "model_size", "register_model"]
+__all__ = ["MODELS", "build_model", "is_diffusion_model", "model_size", "register_model"]
 
 Builder = Callable[..., nn.Module]
 MODELS: dict[str, Builder] = {}
+_DISCRIMINATIVE: set[str] = set()
 
 
-def register_model(name: str) -> Callable[[Builder], Builder]:
-    """Decorator adding a builder ``fn(cfg) -> nn.Module`` to :data:`MODELS` under ``name``."""
+def register_model(name: str, *, diffusion: bool = True) -> Callable[[Builder], Builder]:
+    """Decorator adding a builder ``fn(cfg) -> nn.Module`` to :data:`MODELS` under ``name``.
+
+    ``diffusion=False`` marks a discriminative network (``model(image) -> logits``); its built
+    models have ``is_diffusion = False``, which :func:`is_diffusion_model` answers before building.
+    """
 
     def deco(fn: Builder) -> Builder:
         MODELS[name] = fn
+        if not diffusion:
+            _DISCRIMINATIVE.add(name)
         return fn
 
     return deco
+
+
+def is_diffusion_model(name: str) -> bool:
+    """Whether ``model.name`` is a diffusion network (the one place that decides, by registration)."""
+    return name not in _DISCRIMINATIVE
 
 
 def model_size(cfg) -> tuple[int, ...]:
@@ -70,7 +82,7 @@ def _build_v2(cfg) -> nn.Module:
     )
 
 
-@register_model("dynunet")
+@register_model("dynunet", diffusion=False)
 def _build_dynunet(cfg) -> nn.Module:
     return DynUNetBaseline(
         cfg.data.in_channels, model_size(cfg), cfg.model.dynunet_filters, res_block=cfg.model.dynunet_res_block
@@ -94,5 +106,5 @@ def build_model(cfg) -> nn.Module:
             f"config key 'model.name': got {name!r}; known models: {', '.join(sorted(MODELS))}"
         ) from None
     model = builder(cfg)
-    model.self_condition = bool(cfg.diffusion.self_condition) and getattr(model, "is_diffusion", True)
+    model.self_condition = bool(cfg.diffusion.self_condition) and model.is_diffusion
     return model

@@ -16,6 +16,7 @@ from typing import Any
 from medsegdiff.config import ExperimentConfig
 from medsegdiff.tracking.base import MultiTracker, NullTracker, SafeTracker, Tracker
 from medsegdiff.tracking.jsonl import JsonlTracker, read_metrics
+from medsegdiff.tracking.wandb_tracker import WandbTracker
 
 logger = logging.getLogger("medsegdiff.tracking")
 
@@ -42,8 +43,6 @@ def make_tracker(cfg: ExperimentConfig, run_dir: str | os.PathLike[str], *, wand
     run_dir = Path(run_dir)
     trackers: list[Any] = [SafeTracker(JsonlTracker(run_dir, images=cfg.tracking.log_images), "metrics.jsonl")]
     if cfg.tracking.backend == "wandb":
-        from medsegdiff.tracking.wandb_tracker import WandbTracker
-
         t0 = time.perf_counter()
         try:
             wb = WandbTracker(cfg, run_dir, module=wandb_module)

@@ -32,6 +32,7 @@ import torch
 
 from medsegdiff.config import ExperimentConfig
 from medsegdiff.data.datasets import SliceDataset
+from medsegdiff.diffusion.factory import build_diffusion
 from medsegdiff.inference.export import to_native
 from medsegdiff.inference.sampler import sample_probabilities, sampler_name
 from medsegdiff.inference.windows import sample_windows
@@ -87,8 +88,6 @@ class Validator:
     @property
     def diffusion(self) -> Any:
         if self._diffusion is None:
-            from medsegdiff.diffusion.factory import build_diffusion
-
             self._diffusion = build_diffusion(self.cfg.diffusion, self.cfg.train.validation.respacing)
         return self._diffusion
 
@@ -96,7 +95,7 @@ class Validator:
         """Ensemble mean and standard deviation of the lesion probability, each ``(Z, H, W)`` (cache grid)."""
         vc = self.cfg.train.validation
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed * 1_000_003 + step)
-        diffusion = self.diffusion if getattr(model, "is_diffusion", True) else None
+        diffusion = self.diffusion if model.is_diffusion else None
 
         def sample(images: torch.Tensor) -> torch.Tensor:
             return sample_probabilities(
@@ -140,8 +139,6 @@ class Validator:
     def baseline(self) -> dict[str, float]:
         """Tmax > ``evaluation.tmax_threshold`` s on the same cases (computed once; cases without Tmax skipped)."""
         if self._baseline is None:
-            from medsegdiff.metrics.isles24 import case_metrics
-
             rows = []
             for cid in self.case_ids:
                 case = self.manifest.case(cid)

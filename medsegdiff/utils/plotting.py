@@ -24,6 +24,7 @@ HALO_COLOR = "black"
 
 def new_figure(width_in: float, height_in: float, dpi: int = 100) -> Any:
     """A ``matplotlib.figure.Figure`` attached to an Agg canvas (white background)."""
+    # delayed: matplotlib is heavy (about a second) and only the commands that draw need it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
