@@ -31,6 +31,7 @@ import numpy as np
 from medsegdiff.config import to_dict
 from medsegdiff.data.cache import settings_hash
 from medsegdiff.errors import CheckpointError
+from medsegdiff.inference.sampler import sampler_name
 from medsegdiff.utils.io import atomic_write_json
 
 CALIBRATION_FILE = "calibration.json"
@@ -100,8 +101,8 @@ def calibration_settings(cfg: Any, *, respacing: str, members: int) -> dict[str,
 
     Every ``diffusion.*`` value (the sampler, eta, ...) and every ``inference.*`` value except
     :data:`NOT_CALIBRATED` (the combination, EMA weights, ...), with ``respacing`` and ``members``
-    (what sampling really uses) in place of ``diffusion.respacing`` / ``inference.respacing`` /
-    ``inference.ensemble``. Fields added to these sections later join the key automatically.
+    and ``sampler`` (what sampling really uses) in place of ``diffusion.respacing`` /
+    ``inference.respacing`` / ``inference.ensemble`` / ``diffusion.sampler`` / ``inference.sampler``. Fields added to these sections later join the key automatically.
 
     Args:
         cfg: the prediction config (checkpoint config with the prediction-time overrides).
@@ -110,8 +111,10 @@ def calibration_settings(cfg: Any, *, respacing: str, members: int) -> dict[str,
     """
     out: dict[str, Any] = {f"diffusion.{k}": v for k, v in to_dict(cfg.diffusion).items()}
     out.update({f"inference.{k}": v for k, v in to_dict(cfg.inference).items() if k not in NOT_CALIBRATED})
-    for key in ("diffusion.respacing", "inference.respacing", "inference.ensemble"):
+    for key in ("diffusion.respacing", "inference.respacing", "inference.ensemble", "diffusion.sampler",
+                "inference.sampler"):
         out.pop(key, None)
+    out["sampler"] = sampler_name(cfg)  # the sampler that runs: inference.sampler="" means diffusion.sampler
     out["respacing"] = respacing
     out["members"] = int(members)
     return dict(sorted(out.items()))

@@ -80,7 +80,10 @@ def _settings(**changes):
 def test_calibration_settings_hold_what_changes_the_probability_map():
     base = _settings()
     assert base["respacing"] == "ddim250" and base["members"] == 5 and base["inference.combine"] == "mean"
-    assert base["diffusion.sampler"] == "ddim" and "diffusion.eta" in base
+    assert base["sampler"] == "ddim" and "diffusion.eta" in base
+    # the sampler that runs is the key: inference.sampler="" falls back to diffusion.sampler
+    assert _settings(inference__sampler="ddim") == base
+    assert _settings(inference__sampler="dpmpp_2m") != base
     # the key follows sampler, respacing, ensemble, combination and eta ...
     for change in ({"inference__respacing": "ddim10"}, {"inference__ensemble": 1}, {"inference__combine": "staple"},
                    {"diffusion__eta": 0.5}, {"diffusion__sampler": "ddpm"}):
