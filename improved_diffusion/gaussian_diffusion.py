@@ -670,8 +670,11 @@ class GaussianDiffusion:
         progress: bool,
         generator: torch.Generator | None,
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """The reverse loop shared by the DDPM and DDIM samplers: ``x_T``, then ``step`` for
-        ``t = T-1 .. 0`` under ``no_grad``, yielding each step's output dict."""
+        """The reverse loop shared by the DDPM and DDIM samplers.
+
+        Starts from ``noise`` (or N(0, I) drawn with ``generator``), then applies ``step(x, t)``
+        for ``t = T-1 .. 0`` under ``no_grad`` and yields each step's output dict.
+        """
         shape = tuple(shape)
         if device is None:
             device = _default_device(model, noise)
