@@ -23,6 +23,20 @@ def _ddim_counts(num_timesteps: int) -> list[int]:
     return sorted({len(range(0, num_timesteps, s)) for s in range(1, num_timesteps + 1)})
 
 
+def _count_after(prefix: str, spec: str, given: str, alternatives: str = "") -> int:
+    """``N`` of a ``"<prefix>N"`` respacing ``spec`` (``given`` as the user wrote it, for the message).
+
+    Raises:
+        ValueError: what follows the prefix is not an integer.
+    """
+    try:
+        return int(spec[len(prefix):])
+    except ValueError:
+        raise ValueError(
+            f"bad respacing {given!r}: expected '{prefix}N' with an integer N{alternatives}"
+        ) from None
+
+
 def trailing_timesteps(num_timesteps: int, count: int) -> list[int]:
     """``count`` steps ending at ``T - 1``: ``round(T - j * T / count) - 1`` for ``j = 0 .. count - 1``.
 
@@ -68,21 +82,11 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     if isinstance(section_counts, str):
         spec = section_counts.strip()
         if spec.startswith("trailing"):
-            try:
-                desired = int(spec[len("trailing"):])
-            except ValueError:
-                raise ValueError(
-                    f"bad respacing {section_counts!r}: expected 'trailingN' with an integer N"
-                ) from None
-            return set(trailing_timesteps(T, desired))
+            return set(trailing_timesteps(T, _count_after("trailing", spec, section_counts)))
         if spec.startswith("ddim"):
-            try:
-                desired = int(spec[len("ddim"):])
-            except ValueError:
-                raise ValueError(
-                    f"bad respacing {section_counts!r}: expected 'ddimN' with an integer N, "
-                    "'trailingN', 'N', or comma-separated counts like '10,15,20'"
-                ) from None
+            desired = _count_after(
+                "ddim", spec, section_counts, ", 'trailingN', 'N', or comma-separated counts like '10,15,20'"
+            )
             for stride in range(1, T + 1):
                 if len(range(0, T, stride)) == desired:
                     return set(range(0, T, stride))

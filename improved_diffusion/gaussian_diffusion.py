@@ -12,7 +12,9 @@ Local changes:
   indexes the cached tensor and casts to float32 like upstream, so the numbers are identical but
   no table is copied from the host per step;
 * sampling loops build timesteps on the device (no ``.item()``/``.cpu()``), accept an optional
-  ``torch.Generator`` and show a tqdm bar with ``progress=True``;
+  ``torch.Generator`` and show a tqdm bar with ``progress=True``; the DDPM and DDIM loops share one
+  private loop (``_loop_progressive``), while their public signatures repeat upstream's argument
+  lists on purpose (each marked ``# Same as``);
 * every shape check raises ``ValueError`` instead of ``assert``; tensors of any rank (2-D and
   3-D images) are supported;
 * the linear schedule refuses step counts for which ``beta_T = 0.02 * 1000 / T`` reaches 1;
@@ -209,6 +211,33 @@ def _default_device(model: Any, noise: torch.Tensor | None) -> torch.device:
         for p in params():
             return p.device
     return torch.device("cpu")
+
+
+def _split_learned_variance(
+    model_output: torch.Tensor, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a learned-variance output ``(B, 2C, ...)`` into its mean and variance halves.
+
+    Raises:
+        ValueError: the output does not have twice the channels of ``x`` ``(B, C, ...)``.
+    """
+    B, C = x.shape[:2]
+    expected = (B, 2 * C, *x.shape[2:])
+    if tuple(model_output.shape) != expected:
+        raise ValueError(
+            f"learned variance needs a model output of shape {expected} "
+            f"(2 x {C} channels), got {tuple(model_output.shape)}"
+        )
+    mean_part, var_values = torch.split(model_output, C, dim=1)
+    return mean_part, var_values
+
+
+def _last_sample(outputs: Iterator[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Run a progressive sampling loop to the end and return its final ``sample``."""
+    final: dict[str, torch.Tensor] = {}
+    for out in outputs:
+        final = out
+    return final["sample"]
 
 
 def _nonzero_mask(t: torch.Tensor, ndim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -413,13 +442,7 @@ class GaussianDiffusion:
         model_output = model(x, self._scale_timesteps(t), **model_kwargs)
 
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
-            expected = (B, 2 * C, *x.shape[2:])
-            if tuple(model_output.shape) != expected:
-                raise ValueError(
-                    f"learned variance needs a model output of shape {expected} "
-                    f"(2 x {C} channels), got {tuple(model_output.shape)}"
-                )
-            model_output, var_values = torch.split(model_output, C, dim=1)
+            model_output, var_values = _split_learned_variance(model_output, x)
             if self.model_var_type == ModelVarType.LEARNED:
                 model_log_variance = var_values
             else:
@@ -552,6 +575,9 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------ DDPM sampler
 
+    # Same as improved_diffusion/gaussian_diffusion.py:GaussianDiffusion.p_mean_variance: upstream's
+    # public per-step signature (model, x, t, clip_denoised, denoised_fn, model_kwargs), repeated
+    # argument for argument so that callers written for openai/improved-diffusion keep working.
     def p_sample(
         self,
         model: Model,
@@ -605,14 +631,14 @@ class GaussianDiffusion:
         Returns:
             ``(B, C, ...)`` final samples.
         """
-        final: dict[str, torch.Tensor] = {}
-        for out in self.p_sample_loop_progressive(
+        return _last_sample(self.p_sample_loop_progressive(
             model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
             model_kwargs=model_kwargs, device=device, progress=progress, generator=generator,
-        ):
-            final = out
-        return final["sample"]
+        ))
 
+    # Same as improved_diffusion/gaussian_diffusion.py:GaussianDiffusion.p_sample_loop: upstream's
+    # public loop signature, repeated argument for argument for callers written for
+    # openai/improved-diffusion; the loop itself is shared in _loop_progressive.
     def p_sample_loop_progressive(
         self,
         model: Model,
@@ -626,26 +652,29 @@ class GaussianDiffusion:
         generator: torch.Generator | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Like :meth:`p_sample_loop` but yields the output dict of every step."""
-        img, indices = self._loop_start(model, shape, noise, device, progress, generator)
-        for i in indices:
-            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
-            with torch.no_grad():
-                out = self.p_sample(
-                    model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                    model_kwargs=model_kwargs, generator=generator,
-                )
-            yield out
-            img = out["sample"]
+        def step(img: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+            return self.p_sample(
+                model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                model_kwargs=model_kwargs, generator=generator,
+            )
 
-    def _loop_start(
+        yield from self._loop_progressive(step, model, shape, noise, device, progress, generator)
+
+    def _loop_progressive(
         self,
+        step: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
         model: Model,
         shape: Sequence[int],
         noise: torch.Tensor | None,
         device: torch.device | str | None,
         progress: bool,
         generator: torch.Generator | None,
-    ) -> tuple[torch.Tensor, Sequence[int]]:
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """The reverse loop shared by the DDPM and DDIM samplers.
+
+        Starts from ``noise`` (or N(0, I) drawn with ``generator``), then applies ``step(x, t)``
+        for ``t = T-1 .. 0`` under ``no_grad`` and yields each step's output dict.
+        """
         shape = tuple(shape)
         if device is None:
             device = _default_device(model, noise)
@@ -658,10 +687,18 @@ class GaussianDiffusion:
         indices: Sequence[int] = list(range(self.num_timesteps))[::-1]
         if progress:
             indices = tqdm(indices, desc="sampling", leave=False)
-        return img, indices
+        for i in indices:
+            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
+            with torch.no_grad():
+                out = step(img, t)
+            yield out
+            img = out["sample"]
 
     # ------------------------------------------------------------ DDIM sampler
 
+    # Same as improved_diffusion/gaussian_diffusion.py:GaussianDiffusion.p_mean_variance: upstream's
+    # public per-step signature (model, x, t, clip_denoised, denoised_fn, model_kwargs), repeated
+    # argument for argument so that callers written for openai/improved-diffusion keep working.
     def ddim_sample(
         self,
         model: Model,
@@ -705,6 +742,9 @@ class GaussianDiffusion:
             sample = mean_pred
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
+    # Same as improved_diffusion/gaussian_diffusion.py:GaussianDiffusion.p_mean_variance: upstream's
+    # public per-step signature (model, x, t, clip_denoised, denoised_fn, model_kwargs), repeated
+    # argument for argument so that callers written for openai/improved-diffusion keep working.
     def ddim_reverse_sample(
         self,
         model: Model,
@@ -730,6 +770,9 @@ class GaussianDiffusion:
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 
+    # Same as improved_diffusion/gaussian_diffusion.py:GaussianDiffusion.p_sample_loop: upstream's
+    # public loop signature, repeated argument for argument for callers written for
+    # openai/improved-diffusion; the loop itself is shared in _loop_progressive.
     def ddim_sample_loop(
         self,
         model: Model,
@@ -748,14 +791,14 @@ class GaussianDiffusion:
         Returns:
             ``(B, C, ...)`` final samples.
         """
-        final: dict[str, torch.Tensor] = {}
-        for out in self.ddim_sample_loop_progressive(
+        return _last_sample(self.ddim_sample_loop_progressive(
             model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
             model_kwargs=model_kwargs, device=device, progress=progress, eta=eta, generator=generator,
-        ):
-            final = out
-        return final["sample"]
+        ))
 
+    # Same as improved_diffusion/gaussian_diffusion.py:GaussianDiffusion.p_sample_loop: upstream's
+    # public loop signature, repeated argument for argument for callers written for
+    # openai/improved-diffusion; the loop itself is shared in _loop_progressive.
     def ddim_sample_loop_progressive(
         self,
         model: Model,
@@ -770,16 +813,13 @@ class GaussianDiffusion:
         generator: torch.Generator | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Like :meth:`ddim_sample_loop` but yields the output dict of every step."""
-        img, indices = self._loop_start(model, shape, noise, device, progress, generator)
-        for i in indices:
-            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
-            with torch.no_grad():
-                out = self.ddim_sample(
-                    model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                    model_kwargs=model_kwargs, eta=eta, generator=generator,
-                )
-            yield out
-            img = out["sample"]
+        def step(img: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+            return self.ddim_sample(
+                model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                model_kwargs=model_kwargs, eta=eta, generator=generator,
+            )
+
+        yield from self._loop_progressive(step, model, shape, noise, device, progress, generator)
 
     # ---------------------------------------------------------------- losses
 
@@ -857,14 +897,7 @@ class GaussianDiffusion:
         model_output = model(x_t, self._scale_timesteps(t), **model_kwargs)
 
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
-            B, C = x_t.shape[:2]
-            expected = (B, 2 * C, *x_t.shape[2:])
-            if tuple(model_output.shape) != expected:
-                raise ValueError(
-                    f"learned variance needs a model output of shape {expected} "
-                    f"(2 x {C} channels), got {tuple(model_output.shape)}"
-                )
-            model_output, var_values = torch.split(model_output, C, dim=1)
+            model_output, var_values = _split_learned_variance(model_output, x_t)
             # The VB term must not move the mean: feed it a detached mean and the live variance.
             frozen_out = torch.cat([model_output.detach(), var_values], dim=1)
             terms["vb"] = self._vb_terms_bpd(

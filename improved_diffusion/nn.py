@@ -52,16 +52,21 @@ _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _AVG_POOLS = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
 
+def _layer_nd(classes: dict[int, type[nn.Module]], dims: int) -> type[nn.Module]:
+    """The class for ``dims`` of a 1-D/2-D/3-D layer family (what :func:`conv_nd` and :func:`avg_pool_nd` build)."""
+    try:
+        return classes[dims]
+    except KeyError:
+        raise ValueError(f"unsupported dimensions: {dims} (expected 1, 2 or 3)") from None
+
+
 def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
     """A 1-D, 2-D or 3-D convolution; the remaining arguments go to ``nn.ConvNd``.
 
     Raises:
         ValueError: ``dims`` is not 1, 2 or 3.
     """
-    try:
-        return _CONVS[dims](*args, **kwargs)
-    except KeyError:
-        raise ValueError(f"unsupported dimensions: {dims} (expected 1, 2 or 3)") from None
+    return _layer_nd(_CONVS, dims)(*args, **kwargs)
 
 
 def linear(*args: Any, **kwargs: Any) -> nn.Linear:
@@ -75,10 +80,7 @@ def avg_pool_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
     Raises:
         ValueError: ``dims`` is not 1, 2 or 3.
     """
-    try:
-        return _AVG_POOLS[dims](*args, **kwargs)
-    except KeyError:
-        raise ValueError(f"unsupported dimensions: {dims} (expected 1, 2 or 3)") from None
+    return _layer_nd(_AVG_POOLS, dims)(*args, **kwargs)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from improved_diffusion import gaussian_diffusion as gd
 from improved_diffusion.respace import SpacedDiffusion, space_timesteps
@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 NUM_CLASSES = 1000
+
+_T = TypeVar("_T")
 
 _CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
 
@@ -191,26 +193,20 @@ def create_gaussian_diffusion(
     betas = gd.get_named_beta_schedule(noise_schedule, steps)
     if zero_terminal_snr:
         betas = gd.rescale_zero_terminal_snr(betas)
-    if use_kl:
-        loss_type = gd.LossType.RESCALED_KL
-    elif rescale_learned_sigmas:
-        loss_type = gd.LossType.RESCALED_MSE
-    else:
-        loss_type = gd.LossType.MSE
+    loss_type = _first_set(
+        [(use_kl, gd.LossType.RESCALED_KL), (rescale_learned_sigmas, gd.LossType.RESCALED_MSE)],
+        default=gd.LossType.MSE,
+    )
     if not timestep_respacing:
         timestep_respacing = [steps]
-    if learn_sigma:
-        var_type = gd.ModelVarType.LEARNED_RANGE
-    elif sigma_small:
-        var_type = gd.ModelVarType.FIXED_SMALL
-    else:
-        var_type = gd.ModelVarType.FIXED_LARGE
-    if predict_v:
-        mean_type = gd.ModelMeanType.VELOCITY
-    elif predict_xstart:
-        mean_type = gd.ModelMeanType.START_X
-    else:
-        mean_type = gd.ModelMeanType.EPSILON
+    var_type = _first_set(
+        [(learn_sigma, gd.ModelVarType.LEARNED_RANGE), (sigma_small, gd.ModelVarType.FIXED_SMALL)],
+        default=gd.ModelVarType.FIXED_LARGE,
+    )
+    mean_type = _first_set(
+        [(predict_v, gd.ModelMeanType.VELOCITY), (predict_xstart, gd.ModelMeanType.START_X)],
+        default=gd.ModelMeanType.EPSILON,
+    )
     return SpacedDiffusion(
         use_timesteps=space_timesteps(steps, timestep_respacing),
         betas=betas,
@@ -219,6 +215,11 @@ def create_gaussian_diffusion(
         loss_type=loss_type,
         rescale_timesteps=rescale_timesteps,
     )
+
+
+def _first_set(choices: Iterable[tuple[bool, _T]], default: _T) -> _T:
+    """The value paired with the first true flag, else ``default`` (an if/elif/else chain)."""
+    return next((value for flag, value in choices if flag), default)
 
 
 def str2bool(v: str | bool) -> bool:

@@ -61,3 +61,20 @@ def save_tiny_checkpoint(run_dir, modalities, *, data=None, inference=None):
 def tiny_checkpoint_factory():
     """:func:`save_tiny_checkpoint`, for tests in any folder."""
     return save_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory):
+    """``make(folder, *, cases, seed, **options) -> root``: a tiny synthetic ISLES24 look-alike.
+
+    Written by :func:`medsegdiff.data.synthetic.generate_dataset` (``options``: ``layout``, ``shape``,
+    ...) into ``<new temporary folder named folder>/data``, for module fixtures in any folder.
+    """
+    from medsegdiff.data.synthetic import generate_dataset
+
+    def make(folder, *, cases, seed, **options):
+        root = tmp_path_factory.mktemp(folder) / "data"
+        generate_dataset(root, cases=cases, seed=seed, **options)
+        return root
+
+    return make

@@ -97,12 +97,8 @@ def files_under(folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    from medsegdiff.data.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("faults") / "data"
-    generate_dataset(root, cases=4, seed=5, layout="zenodo", shape="tiny")
-    return root
+def data_root(synthetic_dataset) -> Path:
+    return synthetic_dataset("faults", cases=4, seed=5, layout="zenodo", shape="tiny")
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from medsegdiff.bench import add_device_arguments
 from medsegdiff.config import configs_dir, load_config
 from medsegdiff.config.data import MODALITIES
 from medsegdiff.errors import ConfigError
@@ -52,8 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-backward", action="store_true", help="skip forward+backward")
     p.add_argument("--steps", type=int, default=10, help="denoising calls of the cached-vs-naive comparison")
     p.add_argument("--members", type=int, default=4, help="ensemble members of the cached-vs-naive comparison")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    add_device_arguments(p)
 
 
 def _config(preset: str, name: str, size: int, channels: int, learn_sigma: bool) -> Any:

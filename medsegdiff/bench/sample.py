@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from medsegdiff.bench import add_device_arguments, add_network_arguments
 from medsegdiff.config.base import deep_merge
 from medsegdiff.config.data import MODALITIES
 from medsegdiff.config.loader import config_from_dict, configs_dir, read_yaml
@@ -88,20 +89,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--out", default="", help="folder for bench_sample.json, bench_sample.txt and dice_vs_nfe.png")
     q.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="prediction-time override (inference.*, diffusion.eta, device, ...), repeatable")
-    p.add_argument("--preset", default="tiny", help="model block configs/model/<preset>.yaml (tiny, small, base, large)")
-    p.add_argument("--model", default="", help="network name (medsegdiff_v1, medsegdiff_v2); default: the config's")
+    add_network_arguments(p, model_help="network name (medsegdiff_v1, medsegdiff_v2); default: the config's")
     p.add_argument("--shape", default="64x64x8", help="volume H x W x Z (Z slices of H x W)")
-    p.add_argument("--channels", type=int, default=5, help="input modalities")
     p.add_argument("--respacing", default="ddim10", help="sampling respacing (ddim250, ddim50, 100, ...)")
     p.add_argument("--members", type=int, default=3, help="ensemble members")
     p.add_argument("--batch-size", type=int, default=64, help="(slice, member) pairs per network call")
     p.add_argument("--naive-pairs", type=int, default=2, help="(slice, member) pairs timed on the naive path")
     p.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    add_device_arguments(p)
     p.add_argument("--no-compile", action="store_true", help="GPU: skip the torch.compile variant")
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode for the compiled variant (default, reduce-overhead, max-autotune)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     p.add_argument("--repeats", type=int, default=1, help="timings interleaved fast/naive, best of N")
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from medsegdiff.bench import add_device_arguments, add_network_arguments
 from medsegdiff.bench.sample import _peak, build_config
 from medsegdiff.config.base import deep_merge, to_dict
 from medsegdiff.config.loader import config_from_dict
@@ -38,17 +39,14 @@ from medsegdiff.utils.runtime import resolve_device, torch_threads
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="model block configs/model/<preset>.yaml (tiny, small, base, large)")
-    p.add_argument("--model", default="", help="network name (medsegdiff_v1, medsegdiff_v2, dynunet)")
+    add_network_arguments(p, model_help="network name (medsegdiff_v1, medsegdiff_v2, dynunet)")
     p.add_argument("--size", type=int, default=64, help="image size (H = W)")
-    p.add_argument("--channels", type=int, default=5, help="input modalities")
     p.add_argument("--batch-size", type=int, default=8, help="samples per optimizer step")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    add_device_arguments(p)
     p.add_argument("--compile", action="store_true", help="CPU: also time torch.compile (always on a GPU)")
     p.add_argument("--no-compile", action="store_true", help="GPU: skip the torch.compile variants")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
 
 
 def _sync(device: Any) -> None:

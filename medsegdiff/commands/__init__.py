@@ -7,6 +7,7 @@ without importing any (the command modules import torch and the rest of the libr
 
 from __future__ import annotations
 
+import argparse
 import re
 
 # name -> one-line help, in the order shown by ``medsegdiff --help``
@@ -32,3 +33,21 @@ def split_case_ids(values: list[str] | str | None) -> list[str] | None:
     items = [values] if isinstance(values, str) else values
     ids = [c for item in items for c in re.split(r"[\s,]+", item) if c]
     return ids or None
+
+
+def add_checkpoint_arguments(p: argparse.ArgumentParser, *, data_help: str) -> None:
+    """``--checkpoint`` and the repeatable ``--data`` of the commands that sample with a checkpoint."""
+    p.add_argument("--checkpoint", required=True, help="a checkpoints/*.pt file or a run directory (its best.pt)")
+    p.add_argument("--data", required=True, action="append", metavar="PATH", help=data_help)
+
+
+def add_sampling_options(p: argparse.ArgumentParser, *, unfinished_help: str, overrides_help: str) -> None:
+    """``--allow-unfinished``, ``--no-progress`` and the ``KEY=VALUE`` overrides of those commands."""
+    p.add_argument("--allow-unfinished", action="store_true", help=unfinished_help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
+
+
+def data_argument(args: argparse.Namespace) -> str | list[str]:
+    """The ``--data`` paths as the library takes them: one path, or the list of several."""
+    return args.data[0] if len(args.data) == 1 else args.data

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medsegdiff.commands import split_case_ids
+from medsegdiff.commands import add_checkpoint_arguments, add_sampling_options, data_argument, split_case_ids
 from medsegdiff.pipeline.lock import writing_into
 from medsegdiff.stages.calibrate import calibrate_checkpoint, validation_cases
 from medsegdiff.stages.meta import require_finished, run_of_checkpoint
@@ -16,18 +16,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                 "and adds the threshold to <run>/calibration.json with those settings (sampler, respacing, ensemble, "
                 "combination...); `medsegdiff predict` applies it only with the same settings (unless "
                 "inference.use_calibrated_threshold=false). Calibrations under other settings are kept.")
-    p.add_argument("--checkpoint", required=True, help="a checkpoints/*.pt file or a run directory (its best.pt)")
-    p.add_argument("--data", required=True, action="append", metavar="PATH",
-                   help="prepared cache or raw dataset root (cases need reference masks)")
+    add_checkpoint_arguments(p, data_help="prepared cache or raw dataset root (cases need reference masks)")
     p.add_argument("--cases", default="",
                    help="comma-separated case ids; default: the checkpoint run's validation split "
                         "(splits.json), else all cases")
     p.add_argument("--run-dir", default=None, help="where calibration.json goes (default: the checkpoint's run)")
-    p.add_argument("--allow-unfinished", action="store_true",
-                   help="calibrate a checkpoint of a run whose training did not finish (meta.json)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="prediction-time overrides as for `predict` (e.g. inference.ensemble=3)")
+    add_sampling_options(
+        p, unfinished_help="calibrate a checkpoint of a run whose training did not finish (meta.json)",
+        overrides_help="prediction-time overrides as for `predict` (e.g. inference.ensemble=3)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt_run = ckpt if ckpt.is_dir() else ckpt.parent.parent
     run_dir = Path(args.run_dir) if args.run_dir else ckpt_run
     cases = split_case_ids(args.cases) or validation_cases(ckpt_run)
-    data = args.data[0] if len(args.data) == 1 else args.data
+    data = data_argument(args)
     require_finished(run_of_checkpoint(ckpt), allow_unfinished=args.allow_unfinished, what="calibrate")
     with writing_into(run_dir):  # the only writer of a run directory it writes into
         best, table, path = calibrate_checkpoint(ckpt, data, cases, overrides=args.overrides, run_dir=run_dir,

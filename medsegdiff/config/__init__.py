@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from medsegdiff.config.base import bad_value, deep_merge, describe, from_dict, option, to_dict
+from medsegdiff.config.data import AugmentConfig, DataConfig, SplitConfig
+from medsegdiff.config.diffusion import DiffusionConfig
+from medsegdiff.config.inference import EvaluationConfig, InferenceConfig
 from medsegdiff.config.loader import (
     apply_overrides,
     compose,
@@ -12,21 +15,10 @@ from medsegdiff.config.loader import (
     load_config,
     save_config,
 )
-from medsegdiff.config.schema import (
-    AugmentConfig,
-    DataConfig,
-    DiffusionConfig,
-    EvaluationConfig,
-    ExperimentConfig,
-    InferenceConfig,
-    LossConfig,
-    ModelConfig,
-    OptimConfig,
-    SplitConfig,
-    TrackingConfig,
-    TrainConfig,
-    ValidationConfig,
-)
+from medsegdiff.config.model import ModelConfig
+from medsegdiff.config.schema import ExperimentConfig
+from medsegdiff.config.tracking import TrackingConfig
+from medsegdiff.config.training import LossConfig, OptimConfig, TrainConfig, ValidationConfig
 
 __all__ = [
     "AugmentConfig",

@@ -6,12 +6,12 @@ import re
 from dataclasses import dataclass
 
 from medsegdiff.config.base import bad_value, option
-from medsegdiff.config.data import AugmentConfig, DataConfig, SplitConfig
+from medsegdiff.config.data import DataConfig
 from medsegdiff.config.diffusion import DiffusionConfig
 from medsegdiff.config.inference import EvaluationConfig, InferenceConfig
 from medsegdiff.config.model import ModelConfig
 from medsegdiff.config.tracking import TrackingConfig
-from medsegdiff.config.training import LossConfig, OptimConfig, TrainConfig, ValidationConfig
+from medsegdiff.config.training import LossConfig, OptimConfig, TrainConfig
 
 
 @dataclass
@@ -42,18 +42,4 @@ class ExperimentConfig:
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
-__all__ = [
-    "AugmentConfig",
-    "DataConfig",
-    "DiffusionConfig",
-    "EvaluationConfig",
-    "ExperimentConfig",
-    "InferenceConfig",
-    "LossConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "SplitConfig",
-    "TrackingConfig",
-    "TrainConfig",
-    "ValidationConfig",
-]
+__all__ = ["ExperimentConfig"]

@@ -230,18 +230,20 @@ def write_overlay(
     image: np.ndarray,
     pred: np.ndarray,
     reference: np.ndarray | None = None,
-    *,
-    case_id: str = "",
-    n_slices: int = 3,
-    min_tile: int = 256,
+    **options: Any,
 ) -> Path:
     """Write :func:`overlay_figure` as an RGB PNG, atomically.
 
+    Args:
+        path: the PNG to write.
+        image, pred, reference: as for :func:`overlay_figure`.
+        **options: its keyword options (``case_id``, ``n_slices``, ``min_tile``).
+
     Raises:
         OSError: the folder is not writable.
+        TypeError: an option :func:`overlay_figure` does not take.
     """
-    return save_png(overlay_figure(image, pred, reference, case_id=case_id, n_slices=n_slices,
-                                   min_tile=min_tile), path)
+    return save_png(overlay_figure(image, pred, reference, **options), path)
 
 
 def count_components(mask: np.ndarray) -> int:

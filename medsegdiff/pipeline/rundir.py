@@ -423,15 +423,11 @@ def launch_id(env: Mapping[str, str] | None = None) -> str | None:
 
 
 def init_shared_run_dir(
-    cfg: ExperimentConfig,
-    reference: ExperimentConfig | None = None,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    command: Sequence[str] | None = None,
-    timeout_s: float = 600.0,
+    cfg: ExperimentConfig, reference: ExperimentConfig | None = None, *, timeout_s: float = 600.0, **options: Any
 ) -> tuple[RunDir, ExperimentConfig]:
     """:func:`init_run_dir` that gives every rank of a distributed launch the same folder.
+
+    ``options`` are :func:`init_run_dir`'s keyword arguments (``resume``, ``overwrite``, ``command``).
 
     Rank 0 creates the folder, holds its lock and marks it with the launch id; the other ranks take
     no lock and wait for the folder carrying their launch id (so the uniqueness suffix, or a folder
@@ -444,9 +440,9 @@ def init_shared_run_dir(
     lid = launch_id()
     rank = env_rank()
     if lid is None:
-        return init_run_dir(cfg, reference, resume=resume, overwrite=overwrite, command=command)
+        return init_run_dir(cfg, reference, **options)
     if rank == 0:
-        rd, cfg = init_run_dir(cfg, reference, resume=resume, overwrite=overwrite, command=command)
+        rd, cfg = init_run_dir(cfg, reference, **options)
         atomic_write_json(rd.root / LAUNCH_FILE, {"launch": lid})
         return rd, cfg
     root, name = Path(cfg.run_root), run_name(cfg, reference)

@@ -324,13 +324,10 @@ class Trainer:
                 break
             if self.step % tc.checkpoint_every == 0:
                 self.save()
+        best = ckpt_mod.best_path(self.run_dir)
         return TrainResult(
-            best_checkpoint=ckpt_mod.best_path(self.run_dir) if ckpt_mod.best_path(self.run_dir).exists() else None,
-            last_checkpoint=self.last_checkpoint,
-            steps=self.step,
-            history=self.history,
-            bad_steps=self.bad_total,
-            stopped_by=stopped_by,
+            best_checkpoint=best if best.exists() else None, last_checkpoint=self.last_checkpoint,
+            steps=self.step, history=self.history, bad_steps=self.bad_total, stopped_by=stopped_by,
             run_dir=self.run_dir,
         )
 
@@ -531,17 +528,12 @@ def _max_rss_gb() -> float:
 
 
 def train(
-    cfg: ExperimentConfig,
-    run_dir: str | os.PathLike[str],
-    *,
-    components: ComponentsFn,
-    resume: bool = False,
-    tracker: Any = None,
-    stop_at: int | None = None,
+    cfg: ExperimentConfig, run_dir: str | os.PathLike[str], *, components: ComponentsFn, **options: Any
 ) -> TrainResult:
     """Train the parts built by ``components`` into ``run_dir`` (see :class:`Trainer`).
 
-    ``resume`` continues the newest checkpoint in ``run_dir``. The experiment's train stage is
+    ``options`` are the other keyword arguments of :class:`Trainer` (``resume`` continues the newest
+    checkpoint in ``run_dir``; ``tracker``, ``stop_at``). The experiment's train stage is
     :func:`medsegdiff.stages.train.train` (it prepares the data and builds the real parts).
 
     Raises:
@@ -549,4 +541,4 @@ def train(
         CheckpointError: ``resume`` without a checkpoint, or a corrupt checkpoint.
         TrainingError: ``train.max_bad_steps`` non-finite steps in a row.
     """
-    return Trainer(cfg, run_dir, resume=resume, tracker=tracker, components=components, stop_at=stop_at).run()
+    return Trainer(cfg, run_dir, components=components, **options).run()

@@ -36,6 +36,18 @@ def closed_form_tables(T):
     return betas, abar, abar_prev, post_var
 
 
+def noisy_batch(T, seed, shape, t, span=2.0):
+    """Seeded ``x0`` uniform in ``[-span/2, span/2]``, noise ``eps``, timesteps and ``x_t = q_sample``.
+
+    Also returns the generator, for tests that draw more from the same stream.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(shape, generator=g) * span - span / 2
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.tensor(t)
+    return x0, eps, t, make(T).q_sample(x0, t, eps), g
+
+
 def test_q_sample_and_posterior_match_closed_form():
     T = 100
     d = make(T)
@@ -406,13 +418,9 @@ def test_v_x0_eps_roundtrips():
     T = 100
     d = make(T, mean=ModelMeanType.VELOCITY)
     abar = closed_form_tables(T)[1]
-    g = torch.Generator().manual_seed(11)
-    x0 = torch.rand(3, 1, 4, 4, generator=g) * 2 - 1
-    eps = torch.randn(x0.shape, generator=g)
-    t = torch.tensor([0, 37, 99])
+    x0, eps, t, xt, _ = noisy_batch(T, 11, (3, 1, 4, 4), [0, 37, 99])
     a = torch.tensor(np.sqrt(abar[t.numpy()]), dtype=torch.float32).reshape(-1, 1, 1, 1)
     s = torch.sqrt(1 - a**2)
-    xt = d.q_sample(x0, t, eps)
     v = d._predict_v(x0, t, eps)
     torch.testing.assert_close(v, a * eps - s * x0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(d.predict_xstart_from_output(xt, t, v), x0, rtol=1e-4, atol=1e-5)
@@ -424,10 +432,7 @@ def test_v_x0_eps_roundtrips():
 def test_predict_xstart_from_output_every_mean_type(oracle_cls):
     T = 50
     abar = closed_form_tables(T)[1]
-    g = torch.Generator().manual_seed(12)
-    x0 = torch.rand(2, 1, 3, 3, generator=g) * 2 - 1
-    t = torch.tensor([4, 40])
-    xt = make(T).q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    x0, _, t, xt, _ = noisy_batch(T, 12, (2, 1, 3, 3), [4, 40])
     for mean, kind in ((ModelMeanType.EPSILON, "eps"), (ModelMeanType.START_X, "x0"), (ModelMeanType.VELOCITY, "v")):
         d = make(T, mean=mean)
         out = oracle_cls(x0, abar, kind)(xt, t)
@@ -447,13 +452,9 @@ def test_v_mse_is_x0_mse_times_snr_plus_one():
     T = 100
     d = make(T, mean=ModelMeanType.VELOCITY)
     abar = closed_form_tables(T)[1]
-    g = torch.Generator().manual_seed(13)
-    x0 = torch.rand(4, 1, 5, 5, generator=g) * 2 - 1
-    noise = torch.randn(x0.shape, generator=g)
-    t = torch.tensor([1, 20, 60, 99])
+    x0, noise, t, xt, g = noisy_batch(T, 13, (4, 1, 5, 5), [1, 20, 60, 99])
     v_hat = torch.randn(x0.shape, generator=g)  # an arbitrary prediction
     mse_v = d.training_losses(lambda x, ts: v_hat, x0, t, noise=noise)["mse"]
-    xt = d.q_sample(x0, t, noise)
     x0_hat = d.predict_xstart_from_output(xt, t, v_hat)
     mse_x0 = ((x0 - x0_hat) ** 2).mean(dim=(1, 2, 3))
     snr = torch.tensor(abar[t.numpy()] / (1 - abar[t.numpy()]), dtype=torch.float32)
@@ -467,10 +468,7 @@ def test_v_through_p_mean_variance_clips_and_ddim_step_matches_eps(oracle_cls):
     # one DDIM step of a v-oracle equals the step of the eps-oracle on the same x_t
     T = 100
     abar = closed_form_tables(T)[1]
-    g = torch.Generator().manual_seed(14)
-    x0 = torch.rand(2, 1, 3, 3, generator=g) * 1.8 - 0.9
-    t = torch.tensor([70, 70])
-    xt = make(T).q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    x0, _, t, xt, _ = noisy_batch(T, 14, (2, 1, 3, 3), [70, 70], span=1.8)
     dv, de = make(T, mean=ModelMeanType.VELOCITY), make(T)
     a = dv.ddim_sample(oracle_cls(x0, abar, "v"), xt, t)["sample"]
     b = de.ddim_sample(oracle_cls(x0, abar, "eps"), xt, t)["sample"]

@@ -14,12 +14,8 @@ MODALITIES = ["cbf", "tmax"]
 
 
 @pytest.fixture(scope="module")
-def raw_root(tmp_path_factory) -> Path:
-    from medsegdiff.data.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("raw") / "zenodo"
-    generate_dataset(root, cases=2, seed=3, layout="zenodo", shape="tiny")
-    return root
+def raw_root(synthetic_dataset) -> Path:
+    return synthetic_dataset("raw", cases=2, seed=3, layout="zenodo", shape="tiny")
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ that every stage runs and the run directory holds everything, not the numbers.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -27,23 +29,13 @@ REDUCED = [
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    import os
-
-    work = tmp_path_factory.mktemp("e2e")
-    old = Path.cwd()
-    os.chdir(work)
-    try:
-        import contextlib
-        import io
-
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            code = main(["run", str(QUICKSTART), *REDUCED, "--no-progress"])
-        dirs = [p for p in (work / "runs").iterdir() if p.name.startswith("quickstart")]
-        yield work, code, buf.getvalue(), dirs
-    finally:
-        os.chdir(old)
+def run(work):
+    """``(work, exit code, stdout, [run dir])`` of one reduced quickstart run (``work`` is the cwd)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["run", str(QUICKSTART), *REDUCED, "--no-progress"])
+    dirs = [p for p in (work / "runs").iterdir() if p.name.startswith("quickstart")]
+    return work, code, buf.getvalue(), dirs
 
 
 def test_run_succeeds_and_prints_the_comparison(run):
@@ -89,45 +81,27 @@ def test_run_directory_holds_everything(run):
 
 
 def test_a_single_stage_reuses_the_run_directory(run):
-    import contextlib
-    import io
-    import os
-
-    work, _, _, dirs = run
-    old = Path.cwd()
-    os.chdir(work)
-    try:
-        before = (dirs[0] / "results.json").stat().st_mtime_ns
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert main(["run", str(QUICKSTART), *REDUCED, "--stages", "evaluate", "--no-progress"]) == 0
-        assert [p for p in (work / "runs").iterdir() if p.name.startswith("quickstart")] == dirs
-        assert (dirs[0] / "results.json").stat().st_mtime_ns >= before
-        meta = json.loads((dirs[0] / "meta.json").read_text())
-        assert meta["stages"] == ["evaluate"] and len(meta["resumed"]) == 1
-    finally:
-        os.chdir(old)
+    work, _, _, dirs = run  # the working directory (fixture `work`)
+    before = (dirs[0] / "results.json").stat().st_mtime_ns
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["run", str(QUICKSTART), *REDUCED, "--stages", "evaluate", "--no-progress"]) == 0
+    assert [p for p in (work / "runs").iterdir() if p.name.startswith("quickstart")] == dirs
+    assert (dirs[0] / "results.json").stat().st_mtime_ns >= before
+    meta = json.loads((dirs[0] / "meta.json").read_text())
+    assert meta["stages"] == ["evaluate"] and len(meta["resumed"]) == 1
 
 
 def test_resume_from_the_saved_config_continues_training(run):
-    import contextlib
-    import io
-    import os
-
-    work, _, _, dirs = run
+    work, _, _, dirs = run  # the working directory (fixture `work`)
     rd = dirs[0]
-    old = Path.cwd()
-    os.chdir(work)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            code = main(["run", str(rd / "config.yaml"), "train.steps=6", "--resume", "--stages", "train",
-                         "--no-progress"])
-        assert code == 0
-        steps = [r["step"] for r in read_metrics(rd / "metrics.jsonl") if "train/loss" in r]
-        assert steps[-1] == 6 and steps.count(2) == 1  # continued after step 4, not restarted
-        assert load_config(rd / "config.yaml").train.steps == 6
-        assert [p for p in (work / "runs").iterdir() if p.name.startswith("quickstart")] == dirs
-    finally:
-        os.chdir(old)
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["run", str(rd / "config.yaml"), "train.steps=6", "--resume", "--stages", "train",
+                     "--no-progress"])
+    assert code == 0
+    steps = [r["step"] for r in read_metrics(rd / "metrics.jsonl") if "train/loss" in r]
+    assert steps[-1] == 6 and steps.count(2) == 1  # continued after step 4, not restarted
+    assert load_config(rd / "config.yaml").train.steps == 6
+    assert [p for p in (work / "runs").iterdir() if p.name.startswith("quickstart")] == dirs
 
 
 def test_calibrated_threshold_is_stored_and_applied(run):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -26,17 +25,6 @@ REDUCED = [
     "train.validation.max_cases=1", "inference.respacing=ddim5", "inference.ensemble=1",
     "inference.calibrate=false", "inference.overlays=false", "tracking.backend=none",
 ]
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    path = tmp_path_factory.mktemp("every_model")
-    old = Path.cwd()
-    os.chdir(path)
-    try:
-        yield path
-    finally:
-        os.chdir(old)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
