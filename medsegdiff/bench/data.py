@@ -7,9 +7,8 @@ training slices (i) from the memory-mapped cache through :class:`SliceDataset` a
 way, re-reading every NIfTI file of the case for each slice (as the original MedSegDiff loader does),
 in the same run.
 
-Imports are inside the functions on purpose: :func:`_idle_rss_mb` runs in a freshly spawned worker
-that imports this module, and its memory is the per-process floor of the preprocessing stack, so
-the module must not import torch or the rest of the library at its top.
+The idle baseline (:func:`medsegdiff.data.preprocess.idle_worker_rss_mb`) lives in the module the
+prepare worker unpickles from, so both spawned workers import exactly the same stack.
 """
 
 from __future__ import annotations
@@ -24,6 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from medsegdiff.config.data import DataConfig
+from medsegdiff.data.cache import Manifest, cache_key, modality_window
+from medsegdiff.data.datasets import LesionOversamplingSampler, SliceDataset
+from medsegdiff.data.discovery import discover_cases
+from medsegdiff.data.preprocess import idle_worker_rss_mb, prepare_case, prepare_dataset, window_normalise
+from medsegdiff.data.synthetic import generate_dataset
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,17 +47,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", help="keep the generated data and cache here (default: a temporary folder)")
 
 
-def _idle_rss_mb() -> float:
-    """Peak RSS of a worker that only imported the preprocessing stack (the per-process floor)."""
-    import scipy.ndimage  # noqa: F401
-    import SimpleITK  # noqa: F401
-
-    import medsegdiff.data.loading  # noqa: F401
-    from medsegdiff.data.preprocess import _peak_rss_mb
-
-    return _peak_rss_mb()
-
-
 def _in_fresh_process(fn: Any, *args: Any, **kwargs: Any) -> Any:
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         return pool.submit(fn, *args, **kwargs).result()
@@ -56,13 +54,6 @@ def _in_fresh_process(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 def _naive_slice(case: Any, z: int, cfg: Any, size: int) -> dict:
     """Read every file of the case again for one slice (SimpleITK), window, resize with torch."""
-    import SimpleITK as sitk
-    import torch
-    import torch.nn.functional as F
-
-    from medsegdiff.data.cache import modality_window
-    from medsegdiff.data.preprocess import window_normalise
-
     chans = []
     for m in cfg.modalities:
         arr = sitk.GetArrayFromImage(sitk.ReadImage(str(case.images[m])))[z].astype(np.float32)
@@ -75,15 +66,6 @@ def _naive_slice(case: Any, z: int, cfg: Any, size: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    from medsegdiff.config.data import DataConfig
-    from medsegdiff.data.cache import Manifest, cache_key
-    from medsegdiff.data.datasets import LesionOversamplingSampler, SliceDataset
-    from medsegdiff.data.discovery import discover_cases
-    from medsegdiff.data.preprocess import prepare_case, prepare_dataset
-    from medsegdiff.data.synthetic import generate_dataset
-
     torch.set_num_threads(1)  # one DataLoader worker's view: per-process slice throughput
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="medsegdiff-bench-data-"))
     data_root, cache_dir = work / "data", work / "cache"
@@ -100,7 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         digest = cache_key(cfg)
         source = str(data_root.resolve())
 
-        idle = _in_fresh_process(_idle_rss_mb)
+        idle = _in_fresh_process(idle_worker_rss_mb)
         per_case = []
         for case in cases:
             out = _in_fresh_process(prepare_case, case, cfg, cache_dir / case.case_id, settings_hash=digest,

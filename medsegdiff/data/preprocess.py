@@ -372,6 +372,12 @@ def _stored_ceiling(case_dir: Path, record: Mapping[str, Any]) -> float | None:
 # One case
 
 
+def idle_worker_rss_mb() -> float:
+    """Peak RSS of a process that imported this module and did nothing else: run in a fresh worker,
+    it is the per-process floor under :func:`prepare_case` (which unpickles from this same module)."""
+    return _peak_rss_mb()
+
+
 def _peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB.
 
