@@ -25,7 +25,7 @@ numbers that can be trusted:
 4. **References** on the same test cases (:mod:`medsegdiff.baselines.references`): Tmax > 9 s,
    the CBF-informed rule (Tmax > 6 s and CBF < 15 on the native maps) and the resolution ceiling
    (the reference mask through the first method's cache grid and back).
-5. **Statistics** over all test cases of all seeds (:func:`stratified_bootstrap`): the mean and
+5. **Statistics** over all test cases of all seeds (:func:`medsegdiff.metrics.bootstrap.stratified_bootstrap`): the mean and
    a 95 % percentile-bootstrap CI, resampling cases with replacement *within each seed*
    (stratified, so every resample keeps the seed mix; 2000 resamples, fixed generator), for every
    per-case metric. Paired differences to each ``--reference`` (a method or a reference name) are
@@ -49,7 +49,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import resource
@@ -62,7 +61,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from medsegdiff.baselines.references import REFERENCES, reference_label, write_references
+from medsegdiff.baselines.references import REFERENCES, write_references
+from medsegdiff.bench.learn_report import format_table, write_plots
 from medsegdiff.config import load_config
 from medsegdiff.config.data import SplitConfig
 from medsegdiff.data.cache import Manifest, cache_settings, settings_hash
@@ -71,12 +71,12 @@ from medsegdiff.data.splits import Splits, make_splits
 from medsegdiff.data.synthetic import generate_dataset
 from medsegdiff.errors import ConfigError
 from medsegdiff.evaluation.evaluate import evaluate
+from medsegdiff.metrics.bootstrap import metric_stats, paired_difference, stratified_bootstrap
 from medsegdiff.pipeline.run import run_experiment
 from medsegdiff.tracking import read_metrics
 from medsegdiff.training.checkpoint import find_latest
 from medsegdiff.utils.io import atomic_write_json, atomic_write_text
 from medsegdiff.utils.jsonable import json_safe
-from medsegdiff.utils.plotting import new_figure, save_png
 
 BASE_EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "quickstart.yaml"
 
@@ -93,7 +93,6 @@ DEFAULT_REFERENCES = ("cbf_rule", "v1_x0")
 METHODS_FILE_KEYS = ("methods", "only", "reference", "overrides")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 RESULT = "bench_result.json"
-TABLE_METRICS = (("lesion_f1", "Lesion F1", "{:.3f}"), ("avd_ml", "AVD mL", "{:.1f}"))
 
 
 @dataclasses.dataclass
@@ -236,79 +235,6 @@ def select_methods(defaults: Mapping[str, list[str]], extra: Mapping[str, list[s
             raise ConfigError(f"--methods: unknown method(s) {', '.join(unknown)}; known: {', '.join(methods)}")
         methods = {n: methods[n] for n in only}
     return methods
-
-
-# ----------------------------------------------------------------------------------- statistics
-
-
-def stratified_bootstrap(values_by_seed: Sequence[np.ndarray], *, resamples: int = 2000, level: float = 0.95,
-                         seed: int = 0) -> dict[str, Any]:
-    """Mean of all values and its percentile-bootstrap CI, resampling within each stratum (seed).
-
-    Each resample draws ``n_s`` values with replacement from every stratum ``s`` and takes the
-    mean of all drawn values, so the number of values per seed stays as observed.
-
-    Args:
-        values_by_seed: one 1-D array per stratum (NaN values are dropped).
-        resamples: bootstrap resamples.
-        level: confidence level.
-        seed: generator seed (the result is deterministic).
-
-    Returns:
-        ``mean``, ``ci95`` ``[low, high]`` (None when there are no values), ``sd`` (of all values),
-        ``n``.
-    """
-    strata = [np.asarray(v, dtype=np.float64) for v in values_by_seed]
-    strata = [v[np.isfinite(v)] for v in strata]
-    strata = [v for v in strata if v.size]
-    n = sum(v.size for v in strata)
-    if n == 0:
-        return {"mean": None, "ci95": None, "sd": None, "n": 0}
-    allv = np.concatenate(strata)
-    rng = np.random.default_rng(seed)
-    sums = np.zeros(resamples)
-    for v in strata:
-        sums += v[rng.integers(0, v.size, size=(resamples, v.size))].sum(axis=1)
-    means = sums / n
-    alpha = (1.0 - level) / 2
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
-    return {"mean": float(allv.mean()), "ci95": [float(lo), float(hi)], "sd": float(allv.std(ddof=1)) if n > 1
-            else 0.0, "n": int(n)}
-
-
-def _rows_by_seed(rows: Mapping[int, Sequence[Mapping[str, Any]]]) -> dict[int, dict[str, Mapping[str, Any]]]:
-    return {seed: {str(r["case_id"]): r for r in rs} for seed, rs in rows.items()}
-
-
-def metric_stats(rows: Mapping[int, Sequence[Mapping[str, Any]]], *, resamples: int) -> dict[str, Any]:
-    """Bootstrap statistics of every numeric per-case key (the official metrics and any extras)."""
-    keys: list[str] = []
-    for rs in rows.values():
-        for r in rs:
-            keys += [k for k, v in r.items() if k not in keys and k != "case_id"
-                     and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))]
-    return {k: stratified_bootstrap([np.array([_num(r.get(k)) for r in rs]) for rs in rows.values()],
-                                    resamples=resamples) for k in keys}
-
-
-def _num(value: Any) -> float:
-    """A per-case value as float; None (NaN written as JSON null) and non-numbers are NaN (dropped)."""
-    try:
-        return float(value) if value is not None else math.nan
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def paired_difference(rows: Mapping[int, Sequence[Mapping[str, Any]]],
-                      ref_rows: Mapping[int, Sequence[Mapping[str, Any]]], key: str = "dice", *,
-                      resamples: int = 2000) -> dict[str, Any]:
-    """Paired ``method - reference`` on the cases both have (matched by seed and case id), bootstrapped."""
-    a, b = _rows_by_seed(rows), _rows_by_seed(ref_rows)
-    diffs = []
-    for seed in sorted(set(a) & set(b)):
-        common = sorted(set(a[seed]) & set(b[seed]))
-        diffs.append(np.array([_num(a[seed][c].get(key)) - _num(b[seed][c].get(key)) for c in common]))
-    return stratified_bootstrap(diffs, resamples=resamples)
 
 
 # ----------------------------------------------------------------------------------------- runs
@@ -554,88 +480,6 @@ def _settings_dict(settings: LearnBenchSettings) -> dict[str, Any]:
                f"({settings.bootstrap} resamples); paired differences bootstrapped the same way on "
                "per-case differences")
     return d
-
-
-# ------------------------------------------------------------------------------------- reporting
-
-
-def _ci_text(stats: Mapping[str, Any] | None, signed: bool = False) -> str:
-    if not stats or stats.get("mean") is None:
-        return "-"
-    fmt = "{:+.3f}" if signed else "{:.3f}"
-    lo, hi = stats["ci95"]
-    return f"{fmt.format(stats['mean'])} [{fmt.format(lo)}, {fmt.format(hi)}]"
-
-
-def format_table(report: Mapping[str, Any]) -> str:
-    """The readable table: one row per method and reference."""
-    refs = list(report["settings"]["references"])
-    header = ["method", "Dice [95% CI]", *(f"vs {r} [95% CI]" for r in refs), *(t for _, t, _ in TABLE_METRICS),
-              "train s", "sample s"]
-    body = []
-    for group in ("methods", "references"):
-        for name, entry in report[group].items():
-            m = entry["metrics"]
-            label = name if group == "methods" else f"{name} ({reference_label(name)})"
-            cells = [label, _ci_text(m.get("dice"))]
-            cells += [_ci_text(entry["paired"].get(r), signed=True) if r != name else "-" for r in refs]
-            for key, _, fmt in TABLE_METRICS:
-                v = (m.get(key) or {}).get("mean")
-                cells.append(fmt.format(v) if v is not None else "-")
-            for key in ("train_seconds", "sample_seconds"):
-                cells.append(f"{entry[key]['mean']:.0f}" if key in entry else "-")
-            body.append(cells)
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-
-    def line(r: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-
-    s = report["settings"]
-    n = next(iter(report["methods"].values()))["metrics"]["dice"]["n"] if report["methods"] else 0
-    title = (f"bench learn: {len(s['seeds'])} data seeds x {s['test_cases']} test cases ({n} case scores), "
-             f"{s['steps']} steps per method; mean test Dice with a 95 % bootstrap CI (cases within seeds); "
-             "'vs X' = paired difference to X on the same cases; times = mean per seed")
-    return "\n".join([title, line(header), "-" * len(line(header)), *(line(r) for r in body)])
-
-
-def write_plots(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
-    """``dice_vs_steps.png`` and ``paired_differences.png`` (matplotlib via :mod:`medsegdiff.utils.plotting`)."""
-    paths = []
-    fig = new_figure(6, 4)
-    ax = fig.add_subplot()
-    for name, entry in report["methods"].items():
-        curves = [np.array(h) for h in entry["history"].values() if h]
-        if not curves:
-            continue
-        steps = sorted({float(s) for c in curves for s in c[:, 0]})
-        mean = [np.mean([c[c[:, 0] == s, 1].mean() for c in curves if (c[:, 0] == s).any()]) for s in steps]
-        ax.plot(steps, mean, marker="o", label=name)
-    for name, entry in report["references"].items():
-        d = entry["metrics"].get("dice", {}).get("mean")
-        if d is not None:
-            ax.axhline(d, linestyle="--", linewidth=1, color="grey")
-            ax.annotate(f"{name} (test)", (0, d), fontsize=7, color="grey", va="bottom")
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("validation Dice (mean over seeds)")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    ax.set_title("Dice vs training steps")
-    fig.tight_layout()
-    paths.append(save_png(fig, out_dir / "dice_vs_steps.png"))
-
-    pairs = [(f"{name} - {ref}", st) for group in ("methods", "references") for name, e in report[group].items()
-             for ref, st in e["paired"].items() if st.get("mean") is not None]
-    fig = new_figure(6, 0.4 * len(pairs) + 1.2)
-    ax = fig.add_subplot()
-    for i, (_, st) in enumerate(pairs):
-        lo, hi = st["ci95"]
-        ax.errorbar(st["mean"], i, xerr=[[st["mean"] - lo], [hi - st["mean"]]], fmt="o", capsize=3)
-    ax.axvline(0.0, color="grey", linewidth=1)
-    ax.set_yticks(range(len(pairs)), [p[0] for p in pairs], fontsize=7)
-    ax.set_xlabel("paired test Dice difference (95 % CI)")
-    fig.tight_layout()
-    paths.append(save_png(fig, out_dir / "paired_differences.png"))
-    return paths
 
 
 def _load_average() -> list[float] | None:
