@@ -4,7 +4,7 @@ The network sees the case on the cache grid (``data.image_size``) and its predic
 to the native grid (:func:`medsegdiff.inference.export.to_native`, then ``>= 0.5``). Doing the
 same with the cached reference mask gives the best a model on that grid can score with a perfect
 cache-grid prediction; anything below 1 is lost to resolution before any learning. ``prepare``
-reports the same number per cache (:func:`medsegdiff.data.preprocess.resolution_ceiling`); this
+reports the same number per cache (:func:`medsegdiff.data.grid.resolution_ceiling`); this
 module writes the masks so that ``medsegdiff evaluate`` scores them with every official metric.
 """
 
@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from medsegdiff.baselines.tmax import select_cases, write_mask
 from medsegdiff.data.cache import Manifest
-from medsegdiff.data.preprocess import roundtrip_mask
+from medsegdiff.data.grid import roundtrip_mask
 from medsegdiff.errors import DataError
 
 LABEL = "resolution ceiling"

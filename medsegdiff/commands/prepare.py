@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from medsegdiff.config import load_config
-from medsegdiff.data.preprocess import ceiling_message, prepare_dataset
+from medsegdiff.data.grid import ceiling_message
+from medsegdiff.data.preprocess import prepare_dataset
 from medsegdiff.errors import ConfigError
 
 

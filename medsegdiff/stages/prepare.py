@@ -12,7 +12,8 @@ from pathlib import Path
 
 from medsegdiff.config import ExperimentConfig
 from medsegdiff.data.cache import Manifest, cache_dir_name
-from medsegdiff.data.preprocess import ceiling_message, prepare_dataset
+from medsegdiff.data.grid import ceiling_message
+from medsegdiff.data.preprocess import prepare_dataset
 from medsegdiff.data.splits import Splits, make_splits
 from medsegdiff.data.synthetic import generate_dataset
 from medsegdiff.errors import ConfigError, DataError

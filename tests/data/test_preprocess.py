@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from medsegdiff.data.grid import cache_geometry, resample_inplane
 from medsegdiff.data.preprocess import (
     brain_mask_from_ncct,
-    cache_geometry,
     equalize_positive,
     lesion_statistics,
     prepare_dataset,
-    resample_inplane,
     support_mask,
     window_normalise,
 )
@@ -163,7 +162,7 @@ def test_brain_mask_and_equalisation_in_the_cache(synth_root, tmp_path):
 
 
 def test_mask_dice_is_the_official_case_dice():
-    from medsegdiff.data.preprocess import mask_dice
+    from medsegdiff.data.grid import mask_dice
     from medsegdiff.metrics.isles24 import case_metrics
 
     rng = np.random.default_rng(3)
@@ -175,7 +174,7 @@ def test_mask_dice_is_the_official_case_dice():
 
 
 def test_resolution_ceiling_is_recorded_and_warned_about(synth_root, tmp_path):
-    from medsegdiff.data.preprocess import ceiling_message, mask_dice, roundtrip_mask
+    from medsegdiff.data.grid import ceiling_message, mask_dice, roundtrip_mask
     from medsegdiff.inference.ensemble import binarize
     from medsegdiff.inference.export import to_native
 
@@ -218,7 +217,8 @@ def test_default_windows_keep_every_clinical_threshold():
 
 def test_tmax_above_9_s_is_recoverable_from_the_cached_image(synth_root, tmp_path):
     """Threshold the cached Tmax channel at the 9 s level, send it back: it is the native Tmax > 9 s."""
-    from medsegdiff.data.preprocess import mask_dice, modality_window, roundtrip_mask
+    from medsegdiff.data.cache import modality_window
+    from medsegdiff.data.grid import mask_dice, roundtrip_mask
 
     def recovered(cfg, cache):
         manifest = prepare_dataset(synth_root, tmp_path / cache, cfg, workers=1, progress=False)

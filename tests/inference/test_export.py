@@ -43,7 +43,7 @@ NATIVE = Geo(size=(40, 44, 7), spacing=(0.45, 0.42, 2.0), origin=(12.5, -30.25, 
 
 def _cache_geometry(native: Geo, image_size: int) -> Geo:
     """The cache grid exactly as ``medsegdiff prepare`` builds it."""
-    from medsegdiff.data.preprocess import cache_geometry
+    from medsegdiff.data.grid import cache_geometry
 
     return cache_geometry(native, image_size)
 
