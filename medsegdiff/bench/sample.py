@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import resource
 import sys
 import tempfile
@@ -62,6 +61,7 @@ from medsegdiff.metrics.uncertainty import UNCERTAINTY_KEYS, uncertainty_metrics
 from medsegdiff.nets.blocks import repeat_features
 from medsegdiff.nets.registry import build_model
 from medsegdiff.utils.io import atomic_write_json, atomic_write_text
+from medsegdiff.utils.jsonable import json_safe
 from medsegdiff.utils.plotting import new_figure, save_png
 from medsegdiff.utils.runtime import autocast, resolve_device, torch_threads
 
@@ -314,10 +314,10 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
     result["table"] = format_quality_table(result["settings"])
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out_dir / "bench_sample.json", _finite(result))
+        atomic_write_json(out_dir / "bench_sample.json", json_safe(result))
         atomic_write_text(out_dir / "bench_sample.txt", result["table"] + "\n")
         plot_dice_vs_nfe(out_dir / "dice_vs_nfe.png", result["settings"])
-    return _finite(result)
+    return json_safe(result)
 
 
 def add_paired_differences(settings: list[dict[str, Any]], reference: tuple[str, int]) -> None:
@@ -341,17 +341,6 @@ def add_paired_differences(settings: list[dict[str, Any]], reference: tuple[str,
 
 def _with_overrides(cfg: Any, overrides: list[str]) -> Any:
     return apply_inference_overrides(cfg, overrides)
-
-
-def _finite(obj: Any) -> Any:
-    """NaN/inf -> None, recursively (strict JSON)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def format_quality_table(settings: list[dict[str, Any]]) -> str:

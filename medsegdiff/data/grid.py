@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from medsegdiff.config.data import DataConfig
+from medsegdiff.metrics.isles24 import dice_score
 
 # --------------------------------------------------------------------------------------------
 # Resampling (SimpleITK)
@@ -109,13 +110,6 @@ def roundtrip_mask(cache_mask: np.ndarray, cache_geo: Any, native_geo: Any) -> n
     return (back >= 0.5).astype(np.uint8)
 
 
-def mask_dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Global binary Dice ``2|P & G| / (|P| + |G|)``; 1.0 when both are empty (the official case Dice)."""
-    p, g = np.asarray(pred).astype(bool), np.asarray(gt).astype(bool)
-    total = int(np.count_nonzero(p)) + int(np.count_nonzero(g))
-    return 2.0 * int(np.count_nonzero(p & g)) / total if total else 1.0
-
-
 def resolution_ceiling(native_mask: np.ndarray, cache_mask: np.ndarray, native_geo: Any, cache_geo: Any) -> float:
     """Dice of the reference mask after the round trip native grid -> cache grid -> native grid.
 
@@ -126,7 +120,7 @@ def resolution_ceiling(native_mask: np.ndarray, cache_mask: np.ndarray, native_g
         native_mask: ``(Z, Y, X)`` reference on ``native_geo``.
         cache_mask: ``(Z, H, W)`` the same mask on the cache grid (as cached, ``data.mask_resample``).
     """
-    return mask_dice(roundtrip_mask(cache_mask, cache_geo, native_geo), native_mask)
+    return dice_score(roundtrip_mask(cache_mask, cache_geo, native_geo), native_mask)
 
 
 def ceiling_summary(records: Iterable[Mapping[str, Any]], data_cfg: DataConfig) -> dict[str, Any]:
@@ -169,5 +163,5 @@ def ceiling_message(summary: Mapping[str, Any]) -> str:
             f"(up to {summary['native_inplane_max']} px), or set data.min_resolution_ceiling=0 to accept it")
 
 
-__all__ = ["cache_geometry", "ceiling_message", "ceiling_summary", "mask_dice", "resample_inplane",
+__all__ = ["cache_geometry", "ceiling_message", "ceiling_summary", "resample_inplane",
            "resolution_ceiling", "roundtrip_mask"]

@@ -32,6 +32,7 @@ from medsegdiff.config import to_dict
 from medsegdiff.data.cache import settings_hash
 from medsegdiff.errors import CheckpointError
 from medsegdiff.inference.sampler import sampler_name
+from medsegdiff.metrics.isles24 import dice_score
 from medsegdiff.utils.io import atomic_write_json
 
 CALIBRATION_FILE = "calibration.json"
@@ -42,15 +43,6 @@ DEFAULT_THRESHOLDS = np.linspace(0.05, 0.95, 19)
 NOT_CALIBRATED = ("threshold", "calibrate", "use_calibrated_threshold", "batch_size", "precision", "overlays",
                   "uncertainty")
 logger = logging.getLogger("medsegdiff.inference")
-
-
-def volume_dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """``2 |P & G| / (|P| + |G|)`` over the whole volume; 1.0 when both are empty."""
-    p, g = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
-    denom = int(p.sum()) + int(g.sum())
-    if denom == 0:
-        return 1.0
-    return 2.0 * float(np.logical_and(p, g).sum()) / denom
 
 
 def calibrate_threshold(
@@ -83,7 +75,7 @@ def calibrate_threshold(
             if np.shape(prob) != np.shape(gt):
                 raise ValueError(f"prob {np.shape(prob)} and gt {np.shape(gt)} shapes differ")
             pred = np.asarray(prob) >= thr
-            dices.append(volume_dice(pred, gt))
+            dices.append(dice_score(pred, gt))
             avds.append(abs(float(pred.sum()) - float(np.asarray(gt, dtype=bool).sum())) * float(vv))
         table.append({"threshold": round(float(thr), 6), "mean_dice": float(np.mean(dices)),
                       "mean_avd_ml": float(np.mean(avds))})
@@ -230,4 +222,4 @@ def find_calibration(
 
 
 __all__ = ["CALIBRATION_FILE", "NOT_CALIBRATED", "calibrate_threshold", "calibration_settings", "find_calibration",
-           "load_calibrations", "pick_best", "save_calibration", "settings_key", "volume_dice"]
+           "load_calibrations", "pick_best", "save_calibration", "settings_key"]

@@ -45,6 +45,13 @@ import numpy as np
 from scipy import ndimage
 
 OFFICIAL_METRICS = ("dice", "avd_ml", "lesion_count_diff", "lesion_f1")
+
+
+def dice_score(a: np.ndarray, b: np.ndarray) -> float:
+    """The official global case Dice ``2 |a & b| / (|a| + |b|)`` of two masks (1.0 when both are empty)."""
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 """The four numbers of the ISLES'24 leaderboard."""
 
 EXTRA_METRICS = (

@@ -30,6 +30,8 @@ import math
 import numpy as np
 from scipy.stats import rankdata
 
+from medsegdiff.metrics.isles24 import dice_score
+
 __all__ = [
     "UNCERTAINTY_KEYS",
     "brier_score",
@@ -104,13 +106,6 @@ def brier_score(prob: np.ndarray, target: np.ndarray, region: np.ndarray | None 
     if p.shape != y.shape:
         raise ValueError(f"prob and target differ in shape: {np.shape(prob)} vs {np.shape(target)}")
     return float(np.mean((p - y) ** 2)) if p.size else math.nan
-
-
-def dice_score(a: np.ndarray, b: np.ndarray) -> float:
-    """``2 |a & b| / (|a| + |b|)`` of two masks (1.0 when both are empty)."""
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def iou_distance(a: np.ndarray, b: np.ndarray) -> float:

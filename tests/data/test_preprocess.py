@@ -161,22 +161,22 @@ def test_brain_mask_and_equalisation_in_the_cache(synth_root, tmp_path):
 # ------------------------------------------------------------- what the cache keeps: ceiling, windows
 
 
-def test_mask_dice_is_the_official_case_dice():
-    from medsegdiff.data.grid import mask_dice
-    from medsegdiff.metrics.isles24 import case_metrics
+def test_dice_score_is_the_official_case_dice():
+    from medsegdiff.metrics.isles24 import case_metrics, dice_score
 
     rng = np.random.default_rng(3)
     for _ in range(5):
         p, g = rng.random((3, 9, 9)) > 0.6, rng.random((3, 9, 9)) > 0.5
-        assert mask_dice(p, g) == pytest.approx(case_metrics(p, g, 1.0, hd95=False)["dice"])
+        assert dice_score(p, g) == pytest.approx(case_metrics(p, g, 1.0, hd95=False)["dice"])
     empty = np.zeros((2, 4, 4), bool)
-    assert mask_dice(empty, empty) == 1.0 and mask_dice(empty, ~empty) == 0.0
+    assert dice_score(empty, empty) == 1.0 and dice_score(empty, ~empty) == 0.0
 
 
 def test_resolution_ceiling_is_recorded_and_warned_about(synth_root, tmp_path):
-    from medsegdiff.data.grid import ceiling_message, mask_dice, roundtrip_mask
+    from medsegdiff.data.grid import ceiling_message, roundtrip_mask
     from medsegdiff.inference.ensemble import binarize
     from medsegdiff.inference.export import to_native
+    from medsegdiff.metrics.isles24 import dice_score
 
     coarse = prepare_dataset(synth_root, tmp_path / "c16", _cfg(modalities=["tmax"], image_size=16), workers=1,
                              progress=False)
@@ -196,7 +196,7 @@ def test_resolution_ceiling_is_recorded_and_warned_about(synth_root, tmp_path):
         via_export = binarize(to_native(np.asarray(case.mask), case.cache_geometry, case.native_geometry), 0.5)
         mine = roundtrip_mask(case.mask, case.cache_geometry, case.native_geometry)
         np.testing.assert_array_equal(mine, via_export)
-        values.append(mask_dice(mine, case.native_mask()))
+        values.append(dice_score(mine, case.native_mask()))
         assert case.record["resolution_ceiling"] == pytest.approx(values[-1])
     assert low["mean_dice"] == pytest.approx(np.mean(values))
 
@@ -218,7 +218,8 @@ def test_default_windows_keep_every_clinical_threshold():
 def test_tmax_above_9_s_is_recoverable_from_the_cached_image(synth_root, tmp_path):
     """Threshold the cached Tmax channel at the 9 s level, send it back: it is the native Tmax > 9 s."""
     from medsegdiff.data.cache import modality_window
-    from medsegdiff.data.grid import mask_dice, roundtrip_mask
+    from medsegdiff.data.grid import roundtrip_mask
+    from medsegdiff.metrics.isles24 import dice_score
 
     def recovered(cfg, cache):
         manifest = prepare_dataset(synth_root, tmp_path / cache, cfg, workers=1, progress=False)
@@ -229,7 +230,7 @@ def test_tmax_above_9_s_is_recoverable_from_the_cached_image(synth_root, tmp_pat
             case = manifest.case(cid)
             cached = np.asarray(case.image[0], dtype=np.float32) > level
             native = roundtrip_mask(cached, case.cache_geometry, case.native_geometry)
-            dice.append(mask_dice(native, case.native_tmax() > 9.0))
+            dice.append(dice_score(native, case.native_tmax() > 9.0))
         return float(np.mean(dice))
 
     assert recovered(_cfg(modalities=["tmax"], image_size=64), "default") >= 0.9

@@ -10,7 +10,6 @@ from medsegdiff.inference.calibration import (
     calibrate_threshold,
     find_calibration,
     save_calibration,
-    volume_dice,
 )
 
 
@@ -34,12 +33,6 @@ def test_calibration_picks_the_known_best_threshold():
     assert row[0.3]["mean_dice"] == pytest.approx(0.5)  # case B empty -> Dice 0
     assert row[0.05]["mean_avd_ml"] == pytest.approx(4 * 0.1)  # 4 false-positive voxels x 0.1 mL
     assert len(table) == 19
-
-
-def test_volume_dice_empty_both_is_one():
-    z = np.zeros((2, 2))
-    assert volume_dice(z, z) == 1.0
-    assert volume_dice(np.ones((2, 2)), z) == 0.0
 
 
 def test_save_and_find_calibration(tmp_path):
