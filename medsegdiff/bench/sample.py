@@ -37,6 +37,7 @@ import resource
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -204,9 +205,6 @@ def respacing_for(spacing: str, nfe: int) -> str:
 
 
 def _held_out_cases(checkpoint: Any, sources: list[Any], cases_arg: str) -> list[tuple[Any, str]]:
-    from pathlib import Path
-
-
     available = [(s.manifest, c) for s in sources for c in s.case_ids]
     if cases_arg:
         return available  # already filtered by resolve_sources
@@ -257,8 +255,6 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
         ConfigError: bad lists, an unknown sampler, a respacing the schedule cannot make.
         DataError / CheckpointError: see :func:`medsegdiff.inference.predict.Predictor.load`.
     """
-    from pathlib import Path
-
 
 
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]

@@ -185,7 +185,6 @@ def overlay_figure(
     """
     from matplotlib.lines import Line2D  # delayed: matplotlib is heavy, only overlays need it
 
-
     img = np.asarray(image, dtype=np.float32)
     pm = np.asarray(pred) > 0
     rm = None if reference is None else np.asarray(reference) > 0
