@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from medsegdiff.config import ExperimentConfig, load_config, save_config, to_dict
-from medsegdiff.errors import CheckpointError, ConfigError
+from medsegdiff.data.splits import Splits
+from medsegdiff.errors import CheckpointError, ConfigError, DataError
 from medsegdiff.pipeline import lock
 from medsegdiff.stages.layout import RunDir
 from medsegdiff.stages.meta import now_iso, read_meta, update_meta
@@ -346,6 +347,15 @@ def init_run_dir(
         raise
 
 
+def _same_split(named: str, saved: Path) -> bool:
+    """True when the split file ``named`` holds the same train/val/test subjects as ``saved``."""
+    try:
+        a, b = Splits.load(named), Splits.load(saved)
+    except (OSError, DataError):
+        return False
+    return (a.train, a.val, a.test) == (b.train, b.val, b.test)
+
+
 def _write_run_dir(
     cfg: ExperimentConfig, path: Path, *, resume: bool, command: Sequence[str] | None
 ) -> tuple[RunDir, ExperimentConfig]:
@@ -360,7 +370,9 @@ def _write_run_dir(
             # was moved); that is not a change of settings
             old = dataclasses.replace(old, data=dataclasses.replace(
                 old.data, split=dataclasses.replace(old.data.split, file=str(rd.splits))))
-        if own_split and not cfg.data.split.file:
+        if own_split and (not cfg.data.split.file or _same_split(cfg.data.split.file, rd.splits)):
+            # no split named, or one with the same subjects as the saved copy (a benchmark that hands
+            # every method its shared split file): the run keeps its own copy
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(
                 cfg.data, split=dataclasses.replace(cfg.data.split, file=str(rd.splits))))
         changed = changed_settings(cfg, old)

@@ -296,3 +296,23 @@ def test_standalone_calibrate_under_other_settings_keeps_the_run_calibration(cop
     assert "no calibration for these settings" in caplog.text and "members=2 vs now 3" in caplog.text
     meta = json.loads((run / "predict-other" / "predict.json").read_text())
     assert meta["threshold"] == 0.45 and meta["threshold_source"] == "inference.threshold"
+
+
+def test_resume_with_a_named_split_file_of_the_same_subjects_continues(copy, capsys, tmp_path):
+    # bench learn hands every run the seed's shared split file; the run keeps its own copy of it
+    work, run = copy
+    shared = tmp_path / "shared_splits.json"
+    shutil.copy(run / "splits.json", shared)
+    code, out, err = cli(capsys, "run", QUICKSTART, *reduced(work), f"run_dir={run}", f"data.split.file={shared}",
+                         "train.steps=5", "--resume", "--stages", "train", "--no-progress")
+    assert code == 0, err
+    assert "resumed from step_00000004.pt at step 4 of 5" in out
+    assert train_steps(run) == [1, 2, 3, 4, 5]
+
+    other = json.loads(shared.read_text())
+    other["train"], other["test"] = other["train"][1:], sorted(other["test"] + other["train"][:1])
+    shared.write_text(json.dumps(other))
+    code, _, err = cli(capsys, "run", QUICKSTART, *reduced(work), f"run_dir={run}", f"data.split.file={shared}",
+                       "train.steps=6", "--resume", "--stages", "train", "--no-progress")
+    assert code != 0
+    assert f"cannot resume, the model/data/diffusion settings differ (data.split.file={shared})" in err
