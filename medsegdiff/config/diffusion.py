@@ -9,6 +9,27 @@ from improved_diffusion._spacing import space_timesteps
 from medsegdiff.config.base import bad_value, option
 
 
+def as_respacing(value: str | int) -> str:
+    """A respacing option as the string the core takes: an integer N (YAML ``respacing: 10``,
+    override ``...respacing=10``) means ``"N"`` (N evenly spaced steps)."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def check_respacing(key: str, value: str | int, steps: int) -> str:
+    """``value`` as a string respacing, checked against ``steps`` training steps (empty = unset).
+
+    Raises:
+        ConfigError: naming ``key``, the value and what is allowed (from :func:`space_timesteps`).
+    """
+    value = as_respacing(value)
+    if value:
+        try:
+            space_timesteps(steps, value)
+        except ValueError as err:
+            raise bad_value(key, value, str(err)) from None
+    return value
+
+
 @dataclass
 class DiffusionConfig:
     steps: int = option(1000, ge=2, doc="training diffusion steps T (training always uses all T)")
@@ -40,7 +61,8 @@ class DiffusionConfig:
     )
     # sampling
     sampler: Literal["ddim", "ddpm"] = option("ddim")
-    respacing: str = option("ddim250", doc="timestep respacing for sampling: 'ddimN', 'N' or 'a,b,c'")
+    respacing: str | int = option(
+        "ddim250", doc="timestep respacing for sampling: 'ddimN', 'trailingN', 'N' or 'a,b,c'; an integer N means 'N'")
     eta: float = option(0.0, ge=0.0, le=1.0, doc="DDIM eta (0 = deterministic, 1 = DDPM-like noise)")
     clip_denoised: bool = option(True, doc="clamp the predicted clean mask to [-1, 1] while sampling")
 
@@ -63,8 +85,4 @@ class DiffusionConfig:
                 "allowed: more than 20 with the linear schedule (its last beta 0.02 * 1000 / T must stay "
                 "below 1); or set diffusion.noise_schedule=cosine",
             )
-        if self.respacing:
-            try:
-                space_timesteps(self.steps, self.respacing)
-            except ValueError as err:
-                raise bad_value(f"{p}respacing", self.respacing, str(err)) from None
+        self.respacing = check_respacing(f"{p}respacing", self.respacing, self.steps)

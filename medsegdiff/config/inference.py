@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from medsegdiff.config.base import option
+from medsegdiff.config.diffusion import as_respacing
 
 
 @dataclass
@@ -35,9 +36,7 @@ class InferenceConfig:
         True, doc="write <case>_members.npz (member masks + brain region, bit-packed) for the uncertainty metrics")
 
     def validate(self, prefix: str) -> None:
-        # An integer respacing (YAML `respacing: 10`, override `inference.respacing=10`) means "10".
-        if isinstance(self.respacing, int):
-            self.respacing = str(self.respacing)
+        self.respacing = as_respacing(self.respacing)  # checked against diffusion.steps by ExperimentConfig
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from medsegdiff.config.base import bad_value, option
 from medsegdiff.config.data import DataConfig
-from medsegdiff.config.diffusion import DiffusionConfig
+from medsegdiff.config.diffusion import DiffusionConfig, check_respacing
 from medsegdiff.config.inference import EvaluationConfig, InferenceConfig
 from medsegdiff.config.model import ModelConfig
 from medsegdiff.config.tracking import TrackingConfig
@@ -35,6 +35,10 @@ class ExperimentConfig:
         # Static check only: whether a CUDA device is present is decided when training starts.
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise bad_value(f"{prefix}.device" if prefix else "device", self.device, "allowed: auto, cpu, cuda, cuda:N")
+        steps = self.diffusion.steps
+        self.inference.respacing = check_respacing("inference.respacing", self.inference.respacing, steps)
+        self.train.validation.respacing = check_respacing(
+            "train.validation.respacing", self.train.validation.respacing, steps)
         if self.train.precision == "fp16" and self.device == "cpu":
             raise bad_value("train.precision", "fp16", "fp16 needs a CUDA device, use bf16 or fp32 on device=cpu")
 

@@ -72,7 +72,8 @@ class OptimConfig:
 @dataclass
 class ValidationConfig:
     every: int = option(0, ge=0, doc="validate every N steps; 0 = only at the end")
-    respacing: str = option("ddim250", doc="respacing used for validation sampling")
+    respacing: str | int = option(
+        "ddim250", doc="respacing used for validation sampling (as diffusion.respacing; an integer N means 'N')")
     ensemble: int = option(1, ge=1, doc="ensemble members averaged per validation case")
     max_cases: int = option(0, ge=0, doc="validate on at most N cases; 0 = all")
     threshold: float = option(0.5, gt=0.0, lt=1.0, doc="probability threshold for the validation masks")
