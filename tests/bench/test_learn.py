@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +13,15 @@ import pytest
 from medsegdiff.bench.learn import (
     DEFAULT_METHODS,
     LearnBenchSettings,
+    load_method_config,
     load_methods_file,
     run_learn_bench,
     select_methods,
 )
 from medsegdiff.cli import main
 from medsegdiff.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_methods_file_forms_and_errors(tmp_path):
@@ -45,6 +49,21 @@ def test_methods_file_forms_and_errors(tmp_path):
         bad.write_text(text)
         with pytest.raises(ConfigError, match=pattern):
             load_methods_file(bad)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("bench_*.yaml")), ids=lambda p: p.name)
+def test_shipped_methods_files_load_and_every_method_config_is_valid(path, tmp_path):
+    loaded = load_methods_file(path)
+    methods = select_methods(DEFAULT_METHODS, loaded["methods"], loaded["only"])
+    settings = LearnBenchSettings(out_dir=tmp_path, methods=methods, references=loaded["reference"] or [])
+    for name in methods:
+        cfg = load_method_config(settings, name, 0, None)
+        assert cfg.model.name in ("medsegdiff_v1", "medsegdiff_v2", "dynunet")
+    if path.name == "bench_v2_ablation.yaml":  # the two ablations switch off one V2 part each
+        v2 = {n: load_method_config(settings, n, 0, None).model for n in ("v2_x0", "v2_anchor_only", "v2_ssformer_only")}
+        assert (v2["v2_x0"].anchor, v2["v2_x0"].ssformer_depth > 0) == (True, True)
+        assert (v2["v2_anchor_only"].anchor, v2["v2_anchor_only"].ssformer_depth) == (True, 0)
+        assert (v2["v2_ssformer_only"].anchor, v2["v2_ssformer_only"].ssformer_depth > 0) == (False, True)
 
 
 def test_an_invalid_method_stops_before_anything_runs(tmp_path):
