@@ -57,6 +57,7 @@ from medsegdiff.inference.export import to_native
 from medsegdiff.inference.members import native_members
 from medsegdiff.inference.predict import Predictor, apply_inference_overrides, resolve_sources
 from medsegdiff.inference.sampler import SAMPLERS, sample_probabilities
+from medsegdiff.metrics.bootstrap import paired_difference
 from medsegdiff.metrics.isles24 import case_metrics, summarize
 from medsegdiff.metrics.uncertainty import UNCERTAINTY_KEYS, uncertainty_metrics
 from medsegdiff.nets.blocks import repeat_features
@@ -316,21 +317,21 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
     return json_safe(result)
 
 
-def add_paired_differences(settings: list[dict[str, Any]], reference: tuple[str, int]) -> None:
-    """Add ``dice_minus_reference``: the mean per-case Dice difference to ``reference`` (sampler, NFE).
+def add_paired_differences(settings: list[dict[str, Any]], reference: tuple[str, int], *,
+                           resamples: int = 2000) -> None:
+    """Add ``dice_minus_reference`` and its 95 % CI ``dice_minus_reference_ci95`` to every setting.
 
-    Paired over cases and with the same ensemble size (the Done-when test of issue 13 compares
-    each sampler with DDIM at the largest NFE, e.g. 250). Settings without a reference get None.
+    The difference to ``reference`` (sampler, NFE) is paired over the cases and taken at the same
+    ensemble size (the Done-when test of issue 13 compares each sampler with DDIM at the largest
+    NFE, e.g. 250); the CI is the percentile bootstrap of the per-case differences
+    (:func:`medsegdiff.metrics.bootstrap.paired_difference`). Settings without a reference get None.
     """
     refs = {e["members"]: e for e in settings if (e["sampler"], e["nfe"]) == reference}
     for e in settings:
         ref = refs.get(e["members"])
-        if ref is None:
-            e["dice_minus_reference"] = None
-            continue
-        a = np.array([r["dice"] for r in e["per_case"]])
-        b = np.array([r["dice"] for r in ref["per_case"]])
-        e["dice_minus_reference"] = float(np.mean(a - b))
+        diff = (paired_difference({0: e["per_case"]}, {0: ref["per_case"]}, resamples=resamples)
+                if ref is not None else {"mean": None, "ci95": None})
+        e["dice_minus_reference"], e["dice_minus_reference_ci95"] = diff["mean"], diff["ci95"]
     if settings:
         settings[0].setdefault("reference", f"{reference[0]} at NFE {reference[1]}")
 
@@ -340,16 +341,21 @@ def _with_overrides(cfg: Any, overrides: list[str]) -> Any:
 
 
 def format_quality_table(settings: list[dict[str, Any]]) -> str:
-    """One line per (sampler, NFE, members): Dice, lesion F1, AVD, gain, AUROC, seconds per volume."""
-    cols = ("dice", "dice_minus_reference", "lesion_f1", "avd_ml", "ensemble_gain", "uncertainty_auroc",
-            "seconds_per_volume")
-    lines = [f"{'sampler':<10}{'nfe':>5}{'members':>8}" + "".join(f"{c:>21}" for c in cols)]
+    """One line per (sampler, NFE, members): Dice, the paired difference to the reference with its
+    95 % CI, lesion F1, AVD, gain, AUROC, seconds per volume."""
+    cols = ("dice", "lesion_f1", "avd_ml", "ensemble_gain", "uncertainty_auroc", "seconds_per_volume")
+    ref = settings[0].get("reference", "reference") if settings else "reference"
+    diff_head = f"vs {ref} [95% CI]"
+    lines = [f"{'sampler':<10}{'nfe':>5}{'members':>8}{'dice':>9}{diff_head:>32}"
+             + "".join(f"{c:>20}" for c in cols[1:])]
     for e in settings:
-        cells = []
-        for c in cols:
-            v = e.get(c)
-            cells.append(f"{'-':>21}" if v is None or v != v else f"{v:>21.4f}")
-        lines.append(f"{e['sampler']:<10}{e['nfe']:>5}{e['members']:>8}" + "".join(cells))
+        d, ci = e.get("dice_minus_reference"), e.get("dice_minus_reference_ci95")
+        diff = "-" if d is None else f"{d:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else f"{d:+.4f}"
+        cells = [f"{'-':>20}" if e.get(c) is None or e[c] != e[c] else f"{e[c]:>20.4f}" for c in cols[1:]]
+        dice = e.get("dice")
+        lines.append(f"{e['sampler']:<10}{e['nfe']:>5}{e['members']:>8}"
+                     + (f"{'-':>9}" if dice is None or dice != dice else f"{dice:>9.4f}") + f"{diff:>32}"
+                     + "".join(cells))
     return "\n".join(lines)
 
 

@@ -2,12 +2,23 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
+
+from medsegdiff.bench import sample as bench_sample
+from medsegdiff.bench.sample import _parse_shape
+from medsegdiff.cli import main
+from medsegdiff.config.base import to_dict
+from medsegdiff.config.loader import config_from_dict
+from medsegdiff.data.splits import Splits
+from medsegdiff.data.synthetic import generate_dataset
+from medsegdiff.errors import ConfigError
+from medsegdiff.nets.registry import build_model
+from medsegdiff.training.checkpoint import save_checkpoint
 
 
 def test_bench_sample_smoke(capsys):
-    from medsegdiff.cli import main
-
     rc = main(["bench", "sample", "--preset", "tiny", "--shape", "16x16x2", "--respacing", "ddim2",
                "--members", "2", "--batch-size", "2", "--naive-pairs", "1"])
     assert rc == 0
@@ -21,9 +32,6 @@ def test_bench_sample_smoke(capsys):
 
 
 def test_bench_sample_bad_shape():
-    from medsegdiff.bench.sample import _parse_shape
-    from medsegdiff.errors import ConfigError
-
     with pytest.raises(ConfigError, match="expected HxWxZ"):
         _parse_shape("64x64")
     with pytest.raises(ConfigError, match="H and W must be equal"):
@@ -31,16 +39,6 @@ def test_bench_sample_bad_shape():
 
 
 def test_bench_sample_quality_vs_nfe_on_the_test_split(tmp_path, capsys):
-    import torch
-
-    from medsegdiff.cli import main
-    from medsegdiff.config.base import to_dict
-    from medsegdiff.config.loader import config_from_dict
-    from medsegdiff.data.splits import Splits
-    from medsegdiff.data.synthetic import generate_dataset
-    from medsegdiff.nets.registry import build_model
-    from medsegdiff.training.checkpoint import save_checkpoint
-
     raw = tmp_path / "raw"
     ids = generate_dataset(raw, cases=3, seed=0)
     cfg = config_from_dict({
@@ -75,3 +73,27 @@ def test_bench_sample_quality_vs_nfe_on_the_test_split(tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     assert "dpmpp" not in res["table"] and "ddim" in res["table"]
     assert all(e["dice_minus_reference"] == pytest.approx(0.0) for e in res["settings"] if e["sampler"] == "ddim")
+
+
+def test_paired_differences_to_the_reference_have_a_bootstrap_ci():
+    def setting(sampler, nfe, members, dice):
+        return {"sampler": sampler, "nfe": nfe, "members": members,
+                "per_case": [{"case_id": f"c{i}", "dice": d} for i, d in enumerate(dice)]}
+
+    ref = setting("ddim", 250, 3, [0.5, 0.6, 0.7, 0.8])
+    shifted = setting("ddim", 10, 3, [0.6, 0.7, 0.8, 0.9])  # every case +0.1: the CI is that point
+    mixed = setting("dpmpp_2m", 10, 3, [0.4, 0.7, 0.7, 0.8])  # -0.1, +0.1, 0, 0: mean 0, CI around 0
+    alone = setting("ddim", 10, 5, [0.9, 0.9, 0.9, 0.9])  # no DDIM-250 with 5 members
+    settings = [ref, shifted, mixed, alone]
+    bench_sample.add_paired_differences(settings, reference=("ddim", 250), resamples=500)
+    assert ref["dice_minus_reference"] == 0.0 and ref["dice_minus_reference_ci95"] == [0.0, 0.0]
+    assert shifted["dice_minus_reference"] == pytest.approx(0.1)
+    assert shifted["dice_minus_reference_ci95"] == pytest.approx([0.1, 0.1])
+    lo, hi = mixed["dice_minus_reference_ci95"]
+    assert mixed["dice_minus_reference"] == pytest.approx(0.0) and -0.1 <= lo < 0 < hi <= 0.1
+    assert alone["dice_minus_reference"] is None and alone["dice_minus_reference_ci95"] is None
+    for e in settings:
+        e.update(dice=float(np.mean([r["dice"] for r in e["per_case"]])), seconds_per_volume=1.0)
+    table = bench_sample.format_quality_table(settings)
+    assert "vs ddim at NFE 250 [95% CI]" in table.splitlines()[0]
+    assert "+0.1000 [+0.1000, +0.1000]" in table
