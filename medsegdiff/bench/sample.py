@@ -4,7 +4,8 @@
 number of network calls per member of ``--nfe`` (respacing ``<--spacing>N``; the one-step ``x0``
 sampler only at 1) and every ensemble size of ``--members``, the held-out cases (the checkpoint's
 test split from ``<run>/splits.json``, or ``--cases``) are sampled, combined by the mean,
-thresholded (the checkpoint's threshold, as ``predict``) on the native grid and scored: Dice,
+thresholded on the native grid at one threshold for every setting (the one ``predict`` uses with
+the checkpoint's own settings: its calibrated threshold, else ``inference.threshold``) and scored: Dice,
 lesion F1, AVD (:func:`medsegdiff.metrics.isles24.case_metrics`), the uncertainty metrics
 (:mod:`medsegdiff.metrics.uncertainty`, ensembles of 2 or more) and seconds per volume (sampling
 only). Member ``m`` of an ensemble of 5 is member ``m`` of an ensemble of 3 (counter-based noise), so
@@ -286,8 +287,10 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
             # the one-step sampler uses the first timestep only: trailing1 makes it t = T - 1
             respacing = respacing_for("trailing" if one_call else args.spacing, nfe)
             for m in sizes:
+                # every setting is thresholded alike: at the checkpoint's threshold for its own settings
                 overrides = [*args.override, f"inference.sampler={sampler}", f"inference.respacing={respacing}",
-                             f"inference.ensemble={m}"]
+                             f"inference.ensemble={m}", "inference.use_calibrated_threshold=false",
+                             f"inference.threshold={base.threshold}"]
                 pred = Predictor(base.checkpoint, base.model, _with_overrides(base.cfg, overrides), base.ckpt,
                                  overrides)
                 rows, seconds = [], []
@@ -305,7 +308,8 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"bench sample: {sampler} nfe={nfe} members={m}: dice {entry['dice']:.4f} "
                       f"{entry['seconds_per_volume']:.2f} s/volume", file=sys.stderr)
         check = Predictor(base.checkpoint, base.model, _with_overrides(base.cfg, [
-            *args.override, f"inference.respacing={respacing_for(args.spacing, 2)}"]), base.ckpt, [])
+            *args.override, f"inference.respacing={respacing_for(args.spacing, 2)}",
+            "inference.use_calibrated_threshold=false"]), base.ckpt, [])  # probabilities only: no threshold
         result["reference_check"][sampler] = _reference_check(check, cases[0][0], cases[0][1], sampler)
     add_paired_differences(result["settings"], reference=("ddim", max(nfes)))
     result["table"] = format_quality_table(result["settings"])
