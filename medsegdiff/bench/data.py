@@ -17,8 +17,6 @@ import argparse
 import shutil
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from medsegdiff.data.datasets import LesionOversamplingSampler, SliceDataset
 from medsegdiff.data.discovery import discover_cases
 from medsegdiff.data.preprocess import idle_worker_rss_mb, prepare_case, prepare_dataset, window_normalise
 from medsegdiff.data.synthetic import generate_dataset
+from medsegdiff.utils.parallel import run_parallel
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,8 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _in_fresh_process(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(fn, *args, **kwargs).result()
+    ((_, result),) = run_parallel(fn, [(args, kwargs)], workers=1)
+    return result
 
 
 def _naive_slice(case: Any, z: int, cfg: Any, size: int) -> dict:

@@ -21,7 +21,9 @@ numbers that can be trusted:
    validation cases when the config says so), then scored with
    :func:`medsegdiff.evaluation.evaluate.evaluate` (the official metrics, every per-case key
    passed through). A finished (method, seed) leaves ``bench_result.json`` and is skipped next
-   time; an interrupted one resumes from its latest checkpoint.
+   time; an interrupted one resumes from its latest checkpoint. ``--jobs N`` (default: one per
+   CPU core, at most 4) runs N of them at a time, each in its own process with ``cores / N``
+   threads (:func:`run_methods`); the results are those of a sequential run.
 4. **References** on the same test cases (:mod:`medsegdiff.baselines.references`): Tmax > 9 s,
    the CBF-informed rule (Tmax > 6 s and CBF < 15 on the native maps) and the resolution ceiling
    (the reference mask through the first method's cache grid and back).
@@ -77,6 +79,7 @@ from medsegdiff.tracking import read_metrics
 from medsegdiff.training.checkpoint import find_latest
 from medsegdiff.utils.io import atomic_write_json, atomic_write_text
 from medsegdiff.utils.jsonable import json_safe
+from medsegdiff.utils.parallel import run_parallel, threads_per_worker
 
 BASE_EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "quickstart.yaml"
 
@@ -93,6 +96,7 @@ DEFAULT_REFERENCES = ("cbf_rule", "v1_x0")
 METHODS_FILE_KEYS = ("methods", "only", "reference", "overrides")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 RESULT = "bench_result.json"
+MAX_AUTO_JOBS = 4  # default --jobs: one run per core, at most this many (memory)
 
 
 @dataclasses.dataclass
@@ -112,6 +116,7 @@ class LearnBenchSettings:
         shape: synthetic volume size (``tiny`` or ``XxYxZ``).
         bootstrap: bootstrap resamples.
         iou_threshold: lesion matching IoU for the lesion-wise F1.
+        jobs: (method, seed) runs at a time, each in its own process (:func:`run_methods`).
     """
 
     out_dir: Path
@@ -127,6 +132,7 @@ class LearnBenchSettings:
     shape: str = "tiny"
     bootstrap: int = 2000
     iou_threshold: float = 0.5
+    jobs: int = 1
 
 
 # --quick: seconds per run (tests). Two seeds (the stratified CI needs strata), a diffusion model
@@ -378,6 +384,25 @@ def run_method(settings: LearnBenchSettings, name: str, data: SeedData, *, progr
     return out
 
 
+def run_methods(settings: LearnBenchSettings, tasks: Sequence[tuple[str, SeedData]], *,
+                progress: bool) -> list[dict[str, Any]]:
+    """:func:`run_method` for every ``(method, seed data)``, ``settings.jobs`` at a time; results in task order.
+
+    With ``jobs > 1`` each (method, seed) runs in its own spawned process with
+    ``cpu_count // jobs`` CPU threads (:mod:`medsegdiff.utils.parallel`); every run has its own run
+    directory, so the results are those of a sequential run.
+    """
+    if settings.jobs <= 1 or len(tasks) <= 1:
+        return [run_method(settings, name, data, progress=progress) for name, data in tasks]
+    threads = threads_per_worker(settings.jobs)
+    _say(f"{len(tasks)} runs, {min(settings.jobs, len(tasks))} at a time ({threads} CPU thread(s) each)", progress)
+    results: list[dict[str, Any] | None] = [None] * len(tasks)
+    calls = [((settings, name, data), {"progress": progress}) for name, data in tasks]
+    for i, res in run_parallel(run_method, calls, workers=settings.jobs, threads=threads):
+        results[i] = res
+    return [r for r in results if r is not None]
+
+
 def run_references(settings: LearnBenchSettings, data: SeedData, *, progress: bool) -> dict[str, list[dict]]:
     """Score the three references on the seed's test cases (reused when done)."""
     out_root = settings.out_dir / "references" / f"seed{data.seed}"
@@ -420,16 +445,18 @@ def run_learn_bench(settings: LearnBenchSettings, *, progress: bool = True) -> d
         load_method_config(settings, name, settings.seeds[0], None)
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[int, list[dict]]] = {n: {} for n in [*names, *REFERENCES]}
-    runs: dict[str, list[dict]] = {n: [] for n in names}
-    for seed in settings.seeds:
+    tasks: list[tuple[str, SeedData]] = []
+    for seed in settings.seeds:  # data and references first (cheap), then the runs
         first = load_method_config(settings, names[0], seed, None)
         data = prepare_seed(settings, seed, first, progress=progress)
         for name, cases in run_references(settings, data, progress=progress).items():
             rows[name][seed] = cases
-        for name in names:
-            res = run_method(settings, name, data, progress=progress)
-            runs[name].append(res)
-            rows[name][seed] = res["cases"]
+        tasks += [(name, data) for name in names]
+    results = run_methods(settings, tasks, progress=progress)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for (name, data), res in zip(tasks, results):
+        runs[name].append(res)
+        rows[name][data.seed] = res["cases"]
     report = summarize(settings, rows, runs)
     report.update({"wall_seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - c0,
                    "load_average": {"start": load_start, "end": _load_average()},
@@ -514,6 +541,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--override", action="append", default=[], metavar="key=value",
                    help="config override for every method (repeatable)")
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default 2000)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="(method, seed) runs at a time, each in its own process with cpu_count / jobs threads "
+                   f"(default: the CPU count, at most {MAX_AUTO_JOBS}; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="seconds-long smoke version (tests)")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
 
@@ -534,8 +564,9 @@ def settings_from_args(args: argparse.Namespace) -> LearnBenchSettings:
                               "e.g. 0,1,2") from None
     if not kw.get("seeds", [0]):
         raise ConfigError("--seeds: empty; give at least one seed, e.g. --seeds 0,1,2")
+    kw["jobs"] = 1 if args.quick else min(os.cpu_count() or 1, MAX_AUTO_JOBS)
     for flag, key in (("cases", "cases"), ("test_cases", "test_cases"), ("val_cases", "val_cases"),
-                      ("steps", "steps"), ("bootstrap", "bootstrap")):
+                      ("steps", "steps"), ("bootstrap", "bootstrap"), ("jobs", "jobs")):
         value = getattr(args, flag)
         if value is not None:
             if value < 1:

@@ -41,8 +41,6 @@ import resource
 import sys
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +67,7 @@ from medsegdiff.data.grid import cache_geometry, ceiling_summary, resample_inpla
 from medsegdiff.data.loading import CaseError, Geometry, load_case
 from medsegdiff.errors import DataError
 from medsegdiff.utils.io import atomic_open, atomic_write_json
+from medsegdiff.utils.parallel import run_parallel
 
 PERFUSION = ("cbf", "cbv", "mtt", "tmax")
 BRAIN_HU = (1.0, 100.0)
@@ -530,7 +529,11 @@ def prepare_dataset(data_root: str | os.PathLike[str], cache_dir: str | os.PathL
                 handle(prepare_case(case, data_cfg, cache_dir / _case_id(case), settings_hash=digest, source=source))
                 bar.update(1)
         else:
-            _run_pool(todo, data_cfg, cache_dir, digest, source, n_workers, handle, bar)
+            calls = [((case, data_cfg, cache_dir / _case_id(case)), {"settings_hash": digest, "source": source})
+                     for case in todo]
+            for _, result in run_parallel(prepare_case, calls, workers=n_workers):
+                handle(result)
+                bar.update(1)
     finally:
         bar.close()
 
@@ -571,25 +574,6 @@ def prepare_dataset(data_root: str | os.PathLike[str], cache_dir: str | os.PathL
 def _mean(values: list[Any]) -> float | None:
     vals = [float(v) for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
-
-
-def _run_pool(todo: list[Any], data_cfg: DataConfig, cache_dir: Path, digest: str, source: str, n_workers: int,
-              handle: Any, bar: Any) -> None:
-    """Run :func:`prepare_case` in spawned worker processes, at most ``n_workers`` cases in flight."""
-    ctx = get_context("spawn")
-    with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
-        pending = {pool.submit(prepare_case, case, data_cfg, cache_dir / _case_id(case), settings_hash=digest,
-                               source=source) for case in todo}
-        try:
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    handle(fut.result())
-                    bar.update(1)
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
 
 
 def read_manifest_json(path: Path) -> dict[str, Any] | None:

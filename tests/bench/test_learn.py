@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +129,22 @@ def test_a_second_run_reuses_finished_runs(quick):
         assert main(["bench", "learn", "--quick", "--out", str(out), "--no-progress"]) == 0
     assert (out / "runs" / "v1_x0" / "seed0" / "bench_result.json").stat().st_mtime_ns == stamp
     assert json.loads(buf.getvalue())["wall_seconds"] < 30
+
+
+def test_jobs_2_runs_each_method_seed_in_its_own_process_with_the_same_results(quick, tmp_path):
+    out = tmp_path / "parallel"
+    buf, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):
+        code = main(["bench", "learn", "--quick", "--jobs", "2", "--out", str(out)])
+    assert code == 0, err.getvalue()
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert f"4 runs, 2 at a time ({threads} CPU thread(s) each)" in err.getvalue()
+    report = json.loads((out / "report.json").read_text())
+    sequential = json.loads((quick[0] / "report.json").read_text())
+    assert report["settings"]["jobs"] == 2 and sequential["settings"]["jobs"] == 1
+    for name in ("v1_x0", "dynunet"):
+        for seed in (0, 1):
+            got = json.loads((out / "runs" / name / f"seed{seed}" / "bench_result.json").read_text())["cases"]
+            want = json.loads((quick[0] / "runs" / name / f"seed{seed}" / "bench_result.json").read_text())["cases"]
+            assert [c["case_id"] for c in got] == [c["case_id"] for c in want]
+            assert [c["dice"] for c in got] == pytest.approx([c["dice"] for c in want], abs=1e-6), (name, seed)
