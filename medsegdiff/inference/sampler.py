@@ -255,11 +255,11 @@ def sample_probabilities(
             n, spatial = images.shape[0], tuple(images.shape[2:])
             vol_shape = (n, 1, *spatial)
             base_seed = _draw_base_seed(generator)
-            model_fn = _make_model_fn(model, device, precision, bool(getattr(model, "self_condition", False)))
+            self_cond = bool(model.self_condition)  # model contract (nets.registry sets it)
+            model_fn = _make_model_fn(model, device, precision, self_cond)
             run = _Run(
                 spec=spec,
-                denoiser=solvers.Denoiser(diffusion, model_fn, clip_denoised=clip_denoised,
-                                          self_condition=bool(getattr(model, "self_condition", False))),
+                denoiser=solvers.Denoiser(diffusion, model_fn, clip_denoised=clip_denoised, self_condition=self_cond),
                 timesteps=solvers.chain_timesteps(diffusion), eta=float(eta), base_seed=base_seed,
                 vol_shape=vol_shape, x_T=_initial_noise(noise, base_seed, members, vol_shape, device),
             )

@@ -16,6 +16,7 @@ class StubDiffusionModel(nn.Module):
     """Tiny conditional model: a 1x1 conv on [x_t, image]; optional anchor head on the image."""
 
     is_diffusion = True
+    self_condition = False
 
     def __init__(
         self, in_ch: int = 2, out_ch: int = 1, anchor: bool = False, dims: int = 2, self_condition: bool = False
@@ -51,6 +52,7 @@ class OracleModel(nn.Module):
     """
 
     is_diffusion = True
+    self_condition = False
 
     def __init__(self, alphas_cumprod: np.ndarray, kind: str = "eps", sign: float = 1.0, learn_sigma=False):
         super().__init__()

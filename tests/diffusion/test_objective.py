@@ -260,7 +260,8 @@ def test_v2_paper_preset_is_noise_loss_plus_anchor(stubs, tmp_path):
     from medsegdiff.config import load_config
 
     exp = tmp_path / "exp.yaml"
-    exp.write_text("defaults:\n  - loss/v2_paper\ndiffusion:\n  steps: 100\n  respacing: ddim10\n")
+    exp.write_text("defaults:\n  - loss/v2_paper\ndiffusion:\n  steps: 100\n  respacing: ddim10\n"
+                   "train:\n  validation:\n    respacing: ddim10\n")
     cfg = load_config(exp)
     alpha = cfg.loss.anchor_every
     assert alpha > 1 and cfg.loss.dice_weight == 0.0 and cfg.loss.bce_weight == 0.0

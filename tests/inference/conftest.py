@@ -17,6 +17,7 @@ class TinyDenoiser(nn.Module):
     """
 
     is_diffusion = True
+    self_condition = False
 
     def __init__(self, in_ch: int = 2, width: int = 8, out_ch: int = 1) -> None:
         super().__init__()
