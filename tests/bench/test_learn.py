@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from medsegdiff.bench.learn import (
     DEFAULT_METHODS,
@@ -148,3 +149,18 @@ def test_jobs_2_runs_each_method_seed_in_its_own_process_with_the_same_results(q
             want = json.loads((quick[0] / "runs" / name / f"seed{seed}" / "bench_result.json").read_text())["cases"]
             assert [c["case_id"] for c in got] == [c["case_id"] for c in want]
             assert [c["dice"] for c in got] == pytest.approx([c["dice"] for c in want], abs=1e-6), (name, seed)
+
+
+def test_a_3d_patch_method_runs_with_sliding_window_validation(tmp_path):
+    methods = tmp_path / "m3d.yaml"
+    methods.write_text('methods:\n  v1_3d: [data.dims=3, "data.patch_size=[4,24,24]"]\nonly: [v1_3d]\n')
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["bench", "learn", "--quick", "--methods-file", str(methods), "--out", str(out),
+                     "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    entry = report["methods"]["v1_3d"]
+    assert entry["metrics"]["dice"]["n"] == 4 and "cbf_rule" in entry["paired"]
+    cfg = yaml.safe_load((out / "runs" / "v1_3d" / "seed0" / "config.yaml").read_text())
+    assert cfg["data"]["dims"] == 3 and cfg["data"]["patch_size"] == [4, 24, 24]
+    assert [h[0] for h in entry["history"]["0"]] == [4.0]  # validated during training (volume Dice)
