@@ -9,6 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger("medsegdiff")
+PRINTED = "medsegdiff_printed"  # log-record attribute: the message was already printed by say()
+
+
+def _not_printed(record: logging.LogRecord) -> bool:
+    return not getattr(record, PRINTED, False)
 
 
 def env_rank() -> int:
@@ -18,9 +23,10 @@ def env_rank() -> int:
 
 def say(message: str) -> None:
     """A progress line on stdout (rank 0 only) that also goes to the log (``logs/run.log`` in a run)."""
-    if env_rank() == 0:
+    printed = env_rank() == 0
+    if printed:
         print(message, flush=True)
-    logger.info(message)
+    logger.info(message, extra={PRINTED: printed})  # the console handler skips it when printed
 
 
 @contextlib.contextmanager
@@ -54,3 +60,5 @@ def setup_console_logging(verbose: bool) -> None:
     for h in root.handlers:
         if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
             h.setLevel(logging.INFO if verbose else logging.WARNING)
+            if _not_printed not in h.filters:  # say() lines once on the console, not again with -v
+                h.addFilter(_not_printed)
