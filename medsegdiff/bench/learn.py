@@ -11,10 +11,11 @@ numbers that can be trusted:
 2. **Methods.** A method is a name and a list of config overrides on top of the base experiment
    (``experiments/quickstart.yaml``) and the bench's common overrides (:func:`common_overrides`:
    equal optimiser steps ``train.steps`` with no time budget, validation every quarter of the
-   run, DDIM 25 with one member for the test predictions, no W&B). Defaults:
+   run, DDIM 25 with 3 members for the test predictions, no W&B). Defaults:
    :data:`DEFAULT_METHODS` (V1 x0, V1 with the paper's epsilon objective, V1 with v-prediction and
    self-conditioning, V2, DynUNet). A YAML
-   file adds more (:func:`load_methods_file`); any new config option is a one-line method.
+   file adds more (:func:`~medsegdiff.bench.learn_methods.load_methods_file`); any new config option is a
+   one-line method.
 3. **Runs.** Each (method, seed) is a normal run directory ``runs/<method>/seed<k>`` made by the
    public pipeline (:func:`medsegdiff.pipeline.run.run_experiment`, stages
    ``prepare,train`` then ``prepare,predict``, which also calibrates the threshold on the
@@ -52,7 +53,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import resource
 import sys
 import time
@@ -61,9 +61,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from medsegdiff.baselines.references import REFERENCES, write_references
+from medsegdiff.bench.learn_methods import (
+    DEFAULT_METHODS,
+    DEFAULT_REFERENCES,
+    load_methods_file,
+    select_methods,
+)
 from medsegdiff.bench.learn_report import format_table, write_plots
 from medsegdiff.config import load_config
 from medsegdiff.config.data import SplitConfig
@@ -83,18 +88,6 @@ from medsegdiff.utils.parallel import run_parallel, threads_per_worker
 
 BASE_EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "quickstart.yaml"
 
-# name -> overrides on top of the base experiment (the quickstart: tiny V1 predicting x0)
-DEFAULT_METHODS: dict[str, list[str]] = {
-    "v1_x0": [],
-    "v1_eps": ["diffusion.predict_xstart=false", "loss.timestep_weighting=snr"],  # the paper's objective
-    # the epsilon family made to learn (docs/objectives.md): v-prediction + self-conditioning
-    "v1_v_sc": ["diffusion.predict_xstart=false", "diffusion.predict_v=true", "diffusion.self_condition=true"],
-    "v2_x0": ["model.name=medsegdiff_v2"],
-    "dynunet": ["model.name=dynunet", "loss.diffusion_weight=0.0", "inference.ensemble=1"],
-}
-DEFAULT_REFERENCES = ("cbf_rule", "v1_x0")
-METHODS_FILE_KEYS = ("methods", "only", "reference", "overrides")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 RESULT = "bench_result.json"
 MAX_AUTO_JOBS = 4  # default --jobs: one run per core, at most this many (memory)
 
@@ -153,94 +146,6 @@ def common_overrides(steps: int) -> list[str]:
         f"train.checkpoint_every={every}", "inference.respacing=ddim25", "inference.ensemble=3",
         "inference.overlays=false", "tracking.backend=none", "data.synthetic.generate=false",
     ]
-
-
-# --------------------------------------------------------------------------------------- methods
-
-
-def _as_overrides(value: Any, where: str) -> list[str]:
-    """A method's overrides from YAML: a list of ``key=value`` strings or a ``{key: value}`` mapping."""
-    if value is None:
-        return []
-    if isinstance(value, Mapping):
-        return [f"{k}={json.dumps(v)}" for k, v in value.items()]
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
-        raise ConfigError(f"{where}: expected a list of 'key=value' overrides or a mapping key: value, "
-                          f"got {value!r}")
-    return [v.strip() for v in value]
-
-
-def load_methods_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a methods file.
-
-    Format (every key optional except ``methods``)::
-
-        methods:                        # added to (or replacing) the defaults, in this order
-          v1_lr3: [optim.lr=3.0e-4]     # a list of key=value overrides ...
-          v2_big: {model.name: medsegdiff_v2, train.batch_size: 32}   # ... or a mapping
-        only: [v1_x0, v1_lr3]           # run just these (default: the defaults + the file's)
-        reference: [cbf_rule, v1_x0]    # paired differences against these
-        overrides: [data.image_size=64] # applied to every method
-
-    Returns:
-        ``{"methods": {name: overrides}, "only": list | None, "reference": list | None,
-        "overrides": list}``.
-
-    Raises:
-        ConfigError: unreadable file, unknown keys, bad names or overrides (one line naming the
-            file and the key).
-    """
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"methods file {path}: cannot be read ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict) or "methods" not in data:
-        raise ConfigError(f"methods file {path}: expected a mapping with a 'methods' key "
-                          "(methods: {name: [key=value, ...]})")
-    unknown = sorted(set(data) - set(METHODS_FILE_KEYS))
-    if unknown:
-        raise ConfigError(f"methods file {path}: unknown key(s) {', '.join(unknown)}; allowed: "
-                          f"{', '.join(METHODS_FILE_KEYS)}")
-    if not isinstance(data["methods"], dict) or not data["methods"]:
-        raise ConfigError(f"methods file {path}: 'methods' must be a non-empty mapping name: [key=value, ...]")
-    methods = {}
-    for name, value in data["methods"].items():
-        name = str(name)
-        if not NAME.match(name):
-            raise ConfigError(f"methods file {path}: method name {name!r} is not allowed; use letters, digits, "
-                              "and _ . + - (it names a folder)")
-        methods[name] = _as_overrides(value, f"methods file {path}: methods.{name}")
-
-    def names(key: str) -> list[str] | None:
-        value = data.get(key)
-        if value is None:
-            return None
-        value = [value] if isinstance(value, str) else value
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or not value:
-            raise ConfigError(f"methods file {path}: '{key}' must be a name or a list of names, got {value!r}")
-        return list(value)
-
-    return {"methods": methods, "only": names("only"), "reference": names("reference"),
-            "overrides": _as_overrides(data.get("overrides"), f"methods file {path}: overrides")}
-
-
-def select_methods(defaults: Mapping[str, list[str]], extra: Mapping[str, list[str]] | None,
-                   only: Sequence[str] | None) -> dict[str, list[str]]:
-    """The defaults plus ``extra`` (an extra method of the same name replaces a default), filtered by ``only``.
-
-    Raises:
-        ConfigError: ``only`` names an unknown method.
-    """
-    methods = {**defaults, **(extra or {})}
-    if only:
-        unknown = [n for n in only if n not in methods]
-        if unknown:
-            raise ConfigError(f"--methods: unknown method(s) {', '.join(unknown)}; known: {', '.join(methods)}")
-        methods = {n: methods[n] for n in only}
-    return methods
 
 
 # ----------------------------------------------------------------------------------------- runs
