@@ -1,4 +1,4 @@
-"""Learning benchmark: the methods file and a --quick run end to end (its statistics: tests/metrics/test_bootstrap.py)."""
+"""Learning benchmark: bad methods stop early, a --quick run end to end, --jobs, 3-D (statistics: tests/metrics/test_bootstrap.py)."""
 
 from __future__ import annotations
 
@@ -6,20 +6,14 @@ import contextlib
 import io
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from medsegdiff.bench.learn import (
-    LearnBenchSettings,
-    run_learn_bench,
-)
+from medsegdiff.bench.learn import LearnBenchSettings, run_learn_bench
 from medsegdiff.cli import main
 from medsegdiff.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_an_invalid_method_stops_before_anything_runs(tmp_path):
