@@ -80,6 +80,7 @@ from medsegdiff.errors import ConfigError
 from medsegdiff.evaluation.evaluate import evaluate
 from medsegdiff.metrics.bootstrap import metric_stats, paired_difference, stratified_bootstrap
 from medsegdiff.pipeline.run import run_experiment
+from medsegdiff.pipeline.rundir import changed_settings
 from medsegdiff.tracking import read_metrics
 from medsegdiff.training.checkpoint import find_latest
 from medsegdiff.utils.io import atomic_write_json, atomic_write_text
@@ -235,6 +236,19 @@ def load_method_config(settings: LearnBenchSettings, name: str, seed: int, data:
     return load_config(settings.base, [*overrides, f"data.cache_dir={cache_dir(settings, seed, cfg)}"])
 
 
+def stale_settings(cfg: Any, run_dir: Path) -> list[tuple[str, Any]]:
+    """Result-relevant settings of ``cfg`` that differ from the run's saved ``config.yaml``.
+
+    The data paths the pipeline pins in a run (cache folder, the run's own copy of the split) are
+    not compared; an unreadable saved config counts as changed.
+    """
+    try:
+        saved = load_config(run_dir / "config.yaml")
+    except (ConfigError, OSError) as err:
+        return [("config.yaml", f"unreadable: {str(err).splitlines()[0]}")]
+    return [(k, v) for k, v in changed_settings(cfg, saved) if k not in ("data.cache_dir", "data.split.file")]
+
+
 def validation_history(run_dir: Path) -> list[list[float]]:
     """``[[step, val/dice], ...]`` from the run's ``metrics.jsonl``."""
     path = run_dir / "metrics.jsonl"
@@ -251,6 +265,16 @@ def run_method(settings: LearnBenchSettings, name: str, data: SeedData, *, progr
     overrides = method_overrides(settings, name, data.seed, data)
     fingerprint = _fingerprint(overrides)
     done = _read_json(run_dir / RESULT)
+    stale = stale_settings(cfg, run_dir) if (run_dir / "config.yaml").is_file() else []
+    if stale:
+        # the folder holds a run made with other settings (a method's overrides, the base experiment
+        # or a default changed): keep it aside and start again; resuming would reuse its weights
+        moved = run_dir.with_name(f"{run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(moved)
+        done = None
+        _say(f"{name} seed {data.seed}: its settings changed since it ran ("
+             + ", ".join(f"{k}={v!r}" for k, v in stale[:4]) + f"); old run kept in {moved}, running again",
+             progress)
     if done is not None and done.get("fingerprint") == fingerprint:
         _say(f"{name} seed {data.seed}: done before, reused", progress)
         return done

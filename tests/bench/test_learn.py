@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,6 +79,28 @@ def test_a_second_run_reuses_finished_runs(quick):
         assert main(["bench", "learn", "--quick", "--out", str(out), "--no-progress"]) == 0
     assert (out / "runs" / "v1_x0" / "seed0" / "bench_result.json").stat().st_mtime_ns == stamp
     assert json.loads(buf.getvalue())["wall_seconds"] < 30
+
+
+def test_a_run_made_with_other_settings_is_kept_aside_and_run_again(tmp_path):
+    # same method overrides, but the base experiment changed: the old result must not be reused
+    out = tmp_path / "out"
+    quickstart = Path(__file__).resolve().parents[2] / "experiments" / "quickstart.yaml"
+    base = tmp_path / "base.yaml"
+    base.write_text(quickstart.read_text().replace("  lr: 1.0e-3", "  lr: 2.0e-3"))
+    assert "lr: 2.0e-3" in base.read_text()
+    args = ["bench", "learn", "--quick", "--methods", "dynunet", "--seeds", "0,1", "--out", str(out)]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main([*args, "--no-progress"]) == 0
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        assert main([*args, "--base", str(base)]) == 0, err.getvalue()
+    for seed in (0, 1):
+        assert f"dynunet seed {seed}: its settings changed since it ran (optim.lr=0.002)" in err.getvalue()
+        (moved,) = (out / "runs" / "dynunet").glob(f"seed{seed}.stale-*")
+        assert (moved / "bench_result.json").is_file()  # the old run is kept
+        fresh = yaml.safe_load((out / "runs" / "dynunet" / f"seed{seed}" / "config.yaml").read_text())
+        assert fresh["optim"]["lr"] == 0.002
+    assert "done before, reused" not in err.getvalue()
 
 
 def test_jobs_2_runs_each_method_seed_in_its_own_process_with_the_same_results(quick, tmp_path):
