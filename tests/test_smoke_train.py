@@ -26,7 +26,8 @@ OVERRIDES = [
     "device=cpu", "tracking.backend=none", "seed=0",
     "data.synthetic.cases=8", "data.split.test_fraction=0.0", "data.split.val_fraction=0.25",
     "data.image_size=48", "data.lesion_oversample=0.8",
-    "diffusion.predict_xstart=true", "loss.timestep_weighting=none",
+    "diffusion.predict_xstart=true", "diffusion.predict_v=false", "diffusion.self_condition=false",
+    "loss.timestep_weighting=none",
     "optim.lr=2e-3", "optim.warmup_steps=10", "optim.schedule=cosine",
     # a step budget keeps the result deterministic; the time budget only guards a very slow machine
     "train.steps=200", "train.time_budget_s=400", "train.batch_size=8", "train.log_every=20",

@@ -90,6 +90,7 @@ from medsegdiff.utils.parallel import run_parallel, threads_per_worker
 BASE_EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "quickstart.yaml"
 
 RESULT = "bench_result.json"
+SAMPLING_ONLY = ("inference.", "evaluation.")  # settings a finished run can change without training again
 MAX_AUTO_JOBS = 4  # default --jobs: one run per core, at most this many (memory)
 
 
@@ -266,20 +267,31 @@ def run_method(settings: LearnBenchSettings, name: str, data: SeedData, *, progr
     fingerprint = _fingerprint(overrides)
     done = _read_json(run_dir / RESULT)
     stale = stale_settings(cfg, run_dir) if (run_dir / "config.yaml").is_file() else []
-    if stale:
-        # the folder holds a run made with other settings (a method's overrides, the base experiment
-        # or a default changed): keep it aside and start again; resuming would reuse its weights
+    trained_stale = [(k, v) for k, v in stale if not k.startswith(SAMPLING_ONLY)]
+    changes = ", ".join(f"{k}={v!r}" for k, v in (trained_stale or stale)[:4])
+    if trained_stale:
+        # the folder holds a run trained with other settings (a method's overrides, the base
+        # experiment or a default changed): keep it aside and start again; resuming would reuse its weights
         moved = run_dir.with_name(f"{run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
         run_dir.rename(moved)
         done = None
-        _say(f"{name} seed {data.seed}: its settings changed since it ran ("
-             + ", ".join(f"{k}={v!r}" for k, v in stale[:4]) + f"); old run kept in {moved}, running again",
-             progress)
-    if done is not None and done.get("fingerprint") == fingerprint:
+        _say(f"{name} seed {data.seed}: its settings changed since it ran ({changes}); old run kept in {moved}, "
+             "running again", progress)
+    elif stale:  # only how it samples or scores changed: the trained model stands, predict again
+        if done is not None:
+            (run_dir / RESULT).rename(run_dir / f"bench_result.stale-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        done = None
+        _say(f"{name} seed {data.seed}: its sampling settings changed since it ran ({changes}); predicting again "
+             "with the trained model", progress)
+    if done is not None and done.get("cases") is not None:
+        # same resolved settings (however the overrides are spelled): the result stands
         _say(f"{name} seed {data.seed}: done before, reused", progress)
+        if done.get("fingerprint") != fingerprint or done.get("method") != name:
+            done = {**done, "fingerprint": fingerprint, "method": name, "overrides": list(settings.methods[name])}
+            atomic_write_json(run_dir / RESULT, json_safe(done))
         return done
     trained = _read_json(run_dir / "bench_train.json")
-    if trained is None or trained.get("fingerprint") != fingerprint:
+    if trained is None:  # (a folder with other settings was moved aside above)
         resumed = find_latest(run_dir) is not None
         _say(f"{name} seed {data.seed}: training {settings.steps} steps" + (" (resuming)" if resumed else ""),
              progress)
@@ -292,9 +304,9 @@ def run_method(settings: LearnBenchSettings, name: str, data: SeedData, *, progr
         atomic_write_json(run_dir / "bench_train.json", trained)
     _say(f"{name} seed {data.seed}: predicting {len(data.test)} test cases", progress)
     t0, c0 = time.perf_counter(), _cpu_seconds()
-    # the saved config: the same run, with the split and cache the train stage resolved
+    # the method's config: the run's saved data (cache, split) and model, today's sampling settings
     with _pipeline_output(progress):
-        run_experiment(load_config(run_dir / "config.yaml"), stages="prepare,predict", resume=True, progress=False)
+        run_experiment(cfg, stages="prepare,predict", resume=True, progress=False)
     sample_s, sample_cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     report = evaluate(run_dir / "predictions", data.root, run_dir / "evaluation", iou_threshold=settings.iou_threshold,
                       cases=data.test, progress=False)

@@ -18,14 +18,19 @@ import yaml
 
 from medsegdiff.errors import ConfigError
 
-# name -> overrides on top of the base experiment (the quickstart: tiny V1 predicting x0)
+# The objectives, spelled out so that a method means the same whatever the base experiment says
+X0 = ["diffusion.predict_xstart=true", "diffusion.predict_v=false", "diffusion.self_condition=false"]
+EPS = ["diffusion.predict_xstart=false", "diffusion.predict_v=false", "diffusion.self_condition=false"]
+# the epsilon family made to learn (docs/objectives.md): v-prediction + self-conditioning
+V_SC = ["diffusion.predict_xstart=false", "diffusion.predict_v=true", "diffusion.self_condition=true"]
+
+# name -> overrides on top of the base experiment (the quickstart: tiny V1)
 DEFAULT_METHODS: dict[str, list[str]] = {
-    "v1_x0": [],
-    "v1_eps": ["diffusion.predict_xstart=false", "loss.timestep_weighting=snr"],  # the paper's objective
-    # the epsilon family made to learn (docs/objectives.md): v-prediction + self-conditioning
-    "v1_v_sc": ["diffusion.predict_xstart=false", "diffusion.predict_v=true", "diffusion.self_condition=true"],
-    "v2_x0": ["model.name=medsegdiff_v2"],
-    "dynunet": ["model.name=dynunet", "loss.diffusion_weight=0.0", "inference.ensemble=1"],
+    "v1_x0": [*X0],
+    "v1_eps": [*EPS, "loss.timestep_weighting=snr"],  # the paper's objective
+    "v1_v_sc": [*V_SC],
+    "v2_x0": ["model.name=medsegdiff_v2", *X0],
+    "dynunet": ["model.name=dynunet", "loss.diffusion_weight=0.0", "inference.ensemble=1", *X0],
 }
 DEFAULT_REFERENCES = ("cbf_rule", "v1_x0")
 METHODS_FILE_KEYS = ("methods", "only", "reference", "overrides")
@@ -117,4 +122,4 @@ def select_methods(defaults: Mapping[str, list[str]], extra: Mapping[str, list[s
     return methods
 
 
-__all__ = ["DEFAULT_METHODS", "DEFAULT_REFERENCES", "load_methods_file", "select_methods"]
+__all__ = ["DEFAULT_METHODS", "DEFAULT_REFERENCES", "EPS", "V_SC", "X0", "load_methods_file", "select_methods"]

@@ -102,6 +102,20 @@ def test_a_run_made_with_other_settings_is_kept_aside_and_run_again(tmp_path):
         assert fresh["optim"]["lr"] == 0.002
     assert "done before, reused" not in err.getvalue()
 
+    # only a sampling setting changes: the trained model stands and is sampled again
+    trained = {s: (out / "runs" / "dynunet" / f"seed{s}" / "bench_train.json").read_text() for s in (0, 1)}
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        assert main([*args, "--base", str(base), "--override", "inference.threshold=0.4"]) == 0, err.getvalue()
+    for seed in (0, 1):
+        run = out / "runs" / "dynunet" / f"seed{seed}"
+        assert (f"dynunet seed {seed}: its sampling settings changed since it ran (inference.threshold=0.4); "
+                "predicting again with the trained model") in err.getvalue()
+        assert (run / "bench_train.json").read_text() == trained[seed]  # not trained again
+        assert len(list(run.glob("bench_result.stale-*.json"))) == 1  # the old result is kept
+        assert len(list((out / "runs" / "dynunet").glob(f"seed{seed}.stale-*"))) == 1  # no new folder moved
+        assert json.loads((run / "predictions" / "predict.json").read_text())["threshold"] == 0.4
+
 
 def test_jobs_2_runs_each_method_seed_in_its_own_process_with_the_same_results(quick, tmp_path):
     out = tmp_path / "parallel"

@@ -40,7 +40,7 @@ def test_methods_file_forms_and_errors(tmp_path):
             load_methods_file(bad)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("bench_*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments" / "bench").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_methods_files_load_and_every_method_config_is_valid(path, tmp_path):
     loaded = load_methods_file(path)
     methods = select_methods(DEFAULT_METHODS, loaded["methods"], loaded["only"])
@@ -48,8 +48,14 @@ def test_shipped_methods_files_load_and_every_method_config_is_valid(path, tmp_p
     for name in methods:
         cfg = load_method_config(settings, name, 0, None)
         assert cfg.model.name in ("medsegdiff_v1", "medsegdiff_v2", "dynunet")
-    if path.name == "bench_v2_ablation.yaml":  # the two ablations switch off one V2 part each
+    if path.name == "v2_ablation.yaml":  # the two ablations switch off one V2 part each
         v2 = {n: load_method_config(settings, n, 0, None).model for n in ("v2_x0", "v2_anchor_only", "v2_ssformer_only")}
         assert (v2["v2_x0"].anchor, v2["v2_x0"].ssformer_depth > 0) == (True, True)
         assert (v2["v2_anchor_only"].anchor, v2["v2_anchor_only"].ssformer_depth) == (True, 0)
         assert (v2["v2_ssformer_only"].anchor, v2["v2_ssformer_only"].ssformer_depth > 0) == (False, True)
+    # every method of a shipped file says its objective, like the defaults (the base may change)
+    for name in methods:
+        d = load_method_config(settings, name, 0, None).diffusion
+        assert (d.predict_xstart, d.predict_v, d.self_condition) in ((True, False, False), (False, False, False),
+                                                                     (False, True, True)), name
+        assert any(o.startswith("diffusion.predict_xstart=") for o in methods[name]), name
