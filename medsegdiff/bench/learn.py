@@ -11,7 +11,8 @@ numbers that can be trusted:
 2. **Methods.** A method is a name and a list of config overrides on top of the base experiment
    (``experiments/quickstart.yaml``) and the bench's common overrides (:func:`common_overrides`:
    equal optimiser steps ``train.steps`` with no time budget, validation every quarter of the
-   run, DDIM 25 with 3 members for the test predictions, no W&B). Defaults:
+   run, one network call per member and 3 members for validation and the test predictions
+   (:data:`SAMPLING`), no W&B). Defaults:
    :data:`DEFAULT_METHODS` (V1 x0, V1 with the paper's epsilon objective, V1 with v-prediction and
    self-conditioning, V2, DynUNet). A YAML
    file adds more (:func:`~medsegdiff.bench.learn_methods.load_methods_file`); any new config option is a
@@ -250,8 +251,10 @@ def stale_settings(cfg: Any, run_dir: Path) -> list[tuple[str, Any]]:
     """Result-relevant settings of ``cfg`` that differ from the run's saved ``config.yaml``.
 
     The data paths the pipeline pins in a run (cache folder, the run's own copy of the split) are
-    not compared; an unreadable saved config counts as changed.
+    not compared; no saved config (no run yet) is no change, an unreadable one counts as changed.
     """
+    if not (run_dir / "config.yaml").is_file():
+        return []
     try:
         saved = load_config(run_dir / "config.yaml")
     except (ConfigError, OSError) as err:
@@ -275,7 +278,7 @@ def run_method(settings: LearnBenchSettings, name: str, data: SeedData, *, progr
     overrides = method_overrides(settings, name, data.seed, data)
     fingerprint = _fingerprint(overrides)
     done = _read_json(run_dir / RESULT)
-    stale = stale_settings(cfg, run_dir) if (run_dir / "config.yaml").is_file() else []
+    stale = stale_settings(cfg, run_dir)
     trained_stale = [(k, v) for k, v in stale if not k.startswith(SAMPLING_ONLY)]
     changes = ", ".join(f"{k}={v!r}" for k, v in (trained_stale or stale)[:4])
     if trained_stale:
@@ -295,9 +298,6 @@ def run_method(settings: LearnBenchSettings, name: str, data: SeedData, *, progr
     if done is not None and done.get("cases") is not None:
         # same resolved settings (however the overrides are spelled): the result stands
         _say(f"{name} seed {data.seed}: done before, reused", progress)
-        if done.get("fingerprint") != fingerprint or done.get("method") != name:
-            done = {**done, "fingerprint": fingerprint, "method": name, "overrides": list(settings.methods[name])}
-            atomic_write_json(run_dir / RESULT, json_safe(done))
         return done
     trained = _read_json(run_dir / "bench_train.json")
     if trained is None:  # (a folder with other settings was moved aside above)
@@ -344,13 +344,12 @@ def run_methods(settings: LearnBenchSettings, tasks: Sequence[tuple[str, SeedDat
     """
     if settings.jobs <= 1 or len(tasks) <= 1:
         return [run_method(settings, name, data, progress=progress) for name, data in tasks]
-    threads = threads_per_worker(settings.jobs)
-    _say(f"{len(tasks)} runs, {min(settings.jobs, len(tasks))} at a time ({threads} CPU thread(s) each)", progress)
-    results: list[dict[str, Any] | None] = [None] * len(tasks)
+    workers = min(settings.jobs, len(tasks))
+    threads = threads_per_worker(workers)
+    _say(f"{len(tasks)} runs, {workers} at a time ({threads} CPU thread(s) each)", progress)
     calls = [((settings, name, data), {"progress": progress}) for name, data in tasks]
-    for i, res in run_parallel(run_method, calls, workers=settings.jobs, threads=threads):
-        results[i] = res
-    return [r for r in results if r is not None]
+    results = dict(run_parallel(run_method, calls, workers=workers, threads=threads))
+    return [results[i] for i in range(len(tasks))]
 
 
 def run_references(settings: LearnBenchSettings, data: SeedData, *, progress: bool) -> dict[str, list[dict]]:

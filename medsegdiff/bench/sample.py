@@ -347,19 +347,19 @@ def _with_overrides(cfg: Any, overrides: list[str]) -> Any:
 def format_quality_table(settings: list[dict[str, Any]]) -> str:
     """One line per (sampler, NFE, members): Dice, the paired difference to the reference with its
     95 % CI, lesion F1, AVD, gain, AUROC, seconds per volume."""
-    cols = ("dice", "lesion_f1", "avd_ml", "ensemble_gain", "uncertainty_auroc", "seconds_per_volume")
+    cols = ("lesion_f1", "avd_ml", "ensemble_gain", "uncertainty_auroc", "seconds_per_volume")
     ref = settings[0].get("reference", "reference") if settings else "reference"
     diff_head = f"vs {ref} [95% CI]"
-    lines = [f"{'sampler':<10}{'nfe':>5}{'members':>8}{'dice':>9}{diff_head:>32}"
-             + "".join(f"{c:>20}" for c in cols[1:])]
+
+    def cell(v: Any, width: int) -> str:
+        return f"{'-':>{width}}" if v is None or v != v else f"{v:>{width}.4f}"
+
+    lines = [f"{'sampler':<10}{'nfe':>5}{'members':>8}{'dice':>9}{diff_head:>32}" + "".join(f"{c:>20}" for c in cols)]
     for e in settings:
         d, ci = e.get("dice_minus_reference"), e.get("dice_minus_reference_ci95")
         diff = "-" if d is None else f"{d:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else f"{d:+.4f}"
-        cells = [f"{'-':>20}" if e.get(c) is None or e[c] != e[c] else f"{e[c]:>20.4f}" for c in cols[1:]]
-        dice = e.get("dice")
-        lines.append(f"{e['sampler']:<10}{e['nfe']:>5}{e['members']:>8}"
-                     + (f"{'-':>9}" if dice is None or dice != dice else f"{dice:>9.4f}") + f"{diff:>32}"
-                     + "".join(cells))
+        lines.append(f"{e['sampler']:<10}{e['nfe']:>5}{e['members']:>8}{cell(e.get('dice'), 9)}{diff:>32}"
+                     + "".join(cell(e.get(c), 20) for c in cols))
     return "\n".join(lines)
 
 
