@@ -64,8 +64,11 @@ def test_real_data_experiments_use_ddim250_and_the_right_model():
 def test_quickstart_generates_synthetic_data():
     cfg = load_config(ROOT / "experiments" / "quickstart.yaml")
     assert cfg.data.synthetic.generate and cfg.model.preset == "tiny"
-    # x0 prediction: the demo samples its test cases with DDIM 50 (the paper's 250 stay the default)
-    assert cfg.diffusion.respacing == "ddim250" and cfg.inference.respacing == "ddim50"
+    # v-prediction + self-conditioning, validated and sampled with one network call per member (the
+    # measured best); the paper's DDIM 250 stays the diffusion default
+    assert cfg.diffusion.predict_v and cfg.diffusion.self_condition and cfg.diffusion.respacing == "ddim250"
+    assert (cfg.inference.sampler, cfg.inference.respacing, cfg.inference.ensemble) == ("x0", "trailing1", 3)
+    assert cfg.train.validation.respacing == "trailing1"
     assert cfg.tracking.backend == "wandb" and cfg.tracking.mode == "offline"
     # the 64 px grid is at least the tiny synthetic native in-plane size (48 x 48-60): ceiling >= 0.95
     assert cfg.data.image_size >= 60

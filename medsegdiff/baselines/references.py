@@ -1,11 +1,14 @@
-"""The three non-learned references scored beside every model on the same cases.
+"""The non-learned references scored beside every model on the same cases.
 
 * ``tmax``: the official baseline, Tmax > 9 s (:mod:`medsegdiff.baselines.tmax`);
 * ``cbf_rule``: Tmax > 6 s and CBF < 15 on the native maps (:mod:`medsegdiff.baselines.cbf_rule`);
-* ``ceiling``: the reference mask through the cache grid and back (:mod:`medsegdiff.baselines.ceiling`).
+* ``ceiling``: the reference mask through the cache grid and back (:mod:`medsegdiff.baselines.ceiling`);
+* ``acute_core``: synthetic data only, the part of the lesion the acute images show
+  (:mod:`medsegdiff.baselines.acute_core`).
 
 The first is what a model must beat to be useful at all, the second what one line of domain
-knowledge gets, the third the most that the cache resolution allows.
+knowledge gets, the third the most that the cache resolution allows, the fourth the most that the
+acute images tell (the rest of the follow-up lesion is growth they do not show).
 """
 
 from __future__ import annotations
@@ -13,16 +16,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from medsegdiff.baselines import cbf_rule, ceiling
+from medsegdiff.baselines import acute_core, cbf_rule, ceiling
 from medsegdiff.baselines.tmax import tmax_baseline
 
-REFERENCES = ("tmax", "cbf_rule", "ceiling")
+REFERENCES = ("tmax", "cbf_rule", "ceiling", "acute_core")
+SYNTHETIC_ONLY = ("acute_core",)
 
 
 def reference_label(name: str, tmax_threshold: float = 9.0) -> str:
-    """The table label of a reference (``tmax``, ``cbf_rule``, ``ceiling``)."""
+    """The table label of a reference (``tmax``, ``cbf_rule``, ``ceiling``, ``acute_core``)."""
     return {"tmax": f"Tmax > {tmax_threshold:g} s baseline", "cbf_rule": cbf_rule.LABEL,
-            "ceiling": ceiling.LABEL}[name]
+            "ceiling": ceiling.LABEL, "acute_core": acute_core.LABEL}[name]
+
+
+def available_references(data_root: str | Path, names: Sequence[str] = REFERENCES) -> list[str]:
+    """``names`` without the synthetic-only references that ``data_root`` cannot give (real data)."""
+    return [n for n in names if n not in SYNTHETIC_ONLY or acute_core.has_acute_core(data_root)]
 
 
 def write_references(data_root: str | Path, cache: str | Path, out_root: str | Path, *,
@@ -31,7 +40,7 @@ def write_references(data_root: str | Path, cache: str | Path, out_root: str | P
     """Write the predictions of each reference to ``<out_root>/<name>/predictions``.
 
     Args:
-        data_root: the dataset root (native maps for the two rules).
+        data_root: the dataset root (native maps for the two rules, the acute cores of synthetic data).
         cache: the prepared cache of the model (its grid defines the ceiling).
         out_root: output folder.
         cases: the case ids (e.g. the test split).
@@ -43,7 +52,7 @@ def write_references(data_root: str | Path, cache: str | Path, out_root: str | P
         ``{name: prediction folder}``.
 
     Raises:
-        DataError: see the three baselines.
+        DataError: see the baselines (``acute_core`` on data without acute cores).
         ValueError: an unknown reference name.
     """
     unknown = sorted(set(names) - set(REFERENCES))
@@ -57,10 +66,12 @@ def write_references(data_root: str | Path, cache: str | Path, out_root: str | P
             tmax_baseline(data_root, folder, threshold=tmax_threshold, cases=cases, progress=progress)
         elif name == "cbf_rule":
             cbf_rule.cbf_rule_baseline(data_root, folder, cases=cases, progress=progress)
+        elif name == "acute_core":
+            acute_core.acute_core_baseline(data_root, folder, cases=cases, progress=progress)
         else:
             ceiling.ceiling_baseline(cache, folder, cases=cases, progress=progress)
         folders[name] = folder
     return folders
 
 
-__all__ = ["REFERENCES", "reference_label", "write_references"]
+__all__ = ["REFERENCES", "SYNTHETIC_ONLY", "available_references", "reference_label", "write_references"]

@@ -27,8 +27,9 @@ numbers that can be trusted:
    CPU core, at most 4) runs N of them at a time, each in its own process with ``cores / N``
    threads (:func:`run_methods`); the results are those of a sequential run.
 4. **References** on the same test cases (:mod:`medsegdiff.baselines.references`): Tmax > 9 s,
-   the CBF-informed rule (Tmax > 6 s and CBF < 15 on the native maps) and the resolution ceiling
-   (the reference mask through the first method's cache grid and back).
+   the CBF-informed rule (Tmax > 6 s and CBF < 15 on the native maps), the resolution ceiling
+   (the reference mask through the first method's cache grid and back) and the acute-core oracle
+   (the part of the lesion the acute images show; the rest is growth no model can see).
 5. **Statistics** over all test cases of all seeds (:func:`medsegdiff.metrics.bootstrap.stratified_bootstrap`): the mean and
    a 95 % percentile-bootstrap CI, resampling cases with replacement *within each seed*
    (stratified, so every resample keeps the seed mix; 2000 resamples, fixed generator), for every
@@ -63,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from medsegdiff.baselines.references import REFERENCES, write_references
+from medsegdiff.baselines.references import REFERENCES, available_references, write_references
 from medsegdiff.bench.learn_methods import (
     DEFAULT_METHODS,
     DEFAULT_REFERENCES,
@@ -106,7 +107,7 @@ class LearnBenchSettings:
         test_cases, val_cases: split sizes per seed; the rest trains.
         steps: optimiser steps of every method.
         methods: ``{name: overrides}`` in run order.
-        references: names for the paired differences (methods or ``tmax``/``cbf_rule``/``ceiling``).
+        references: names for the paired differences (methods or :data:`~medsegdiff.baselines.references.REFERENCES`).
         base: the experiment file the methods modify.
         overrides: applied to every method after the bench's own (before the method's).
         shape: synthetic volume size (``tiny`` or ``XxYxZ``).
@@ -353,16 +354,17 @@ def run_methods(settings: LearnBenchSettings, tasks: Sequence[tuple[str, SeedDat
 
 
 def run_references(settings: LearnBenchSettings, data: SeedData, *, progress: bool) -> dict[str, list[dict]]:
-    """Score the three references on the seed's test cases (reused when done)."""
+    """Score the references on the seed's test cases (reused when done)."""
     out_root = settings.out_dir / "references" / f"seed{data.seed}"
-    key = {"test": data.test, "cache": str(data.cache), "iou": settings.iou_threshold}
+    names = available_references(data.root)
+    key = {"test": data.test, "cache": str(data.cache), "iou": settings.iou_threshold, "names": names}
     done = _read_json(out_root / RESULT)
     if done is not None and done.get("key") == key:
         return done["cases"]
-    folders = write_references(data.root, data.cache, out_root, cases=data.test, progress=False)
+    folders = write_references(data.root, data.cache, out_root, cases=data.test, names=names, progress=False)
     cases = {name: evaluate(folders[name], data.root, folders[name].parent / "evaluation",
                             iou_threshold=settings.iou_threshold, cases=data.test, progress=False)["cases"]
-             for name in REFERENCES}
+             for name in names}
     atomic_write_json(out_root / RESULT, json_safe({"key": key, "cases": cases}))
     _say(f"seed {data.seed} references: " + ", ".join(
         f"{n} {np.mean([r['dice'] for r in rows]):.3f}" for n, rows in cases.items()), progress)
@@ -393,13 +395,13 @@ def run_learn_bench(settings: LearnBenchSettings, *, progress: bool = True) -> d
     for name in names:  # every config is checked before the first minute of training
         load_method_config(settings, name, settings.seeds[0], None)
     settings.out_dir.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, dict[int, list[dict]]] = {n: {} for n in [*names, *REFERENCES]}
+    rows: dict[str, dict[int, list[dict]]] = {n: {} for n in names}
     tasks: list[tuple[str, SeedData]] = []
     for seed in settings.seeds:  # data and references first (cheap), then the runs
         first = load_method_config(settings, names[0], seed, None)
         data = prepare_seed(settings, seed, first, progress=progress)
         for name, cases in run_references(settings, data, progress=progress).items():
-            rows[name][seed] = cases
+            rows.setdefault(name, {})[seed] = cases
         tasks += [(name, data) for name in names]
     results = run_methods(settings, tasks, progress=progress)
     runs: dict[str, list[dict]] = {n: [] for n in names}
@@ -537,7 +539,7 @@ def settings_from_args(args: argparse.Namespace) -> LearnBenchSettings:
         raise ConfigError(f"--base: {base} does not exist; pass an experiment YAML (default {BASE_EXPERIMENT})")
     methods = select_methods(DEFAULT_METHODS, extra, only)
     if refs is None:
-        refs = [r for r in DEFAULT_REFERENCES if r in methods or r in ("tmax", "cbf_rule", "ceiling")]
+        refs = [r for r in DEFAULT_REFERENCES if r in methods or r in REFERENCES]
     return LearnBenchSettings(out_dir=Path(args.out), methods=methods, references=refs, base=base,
                               overrides=[*overrides, *args.override], **kw)
 

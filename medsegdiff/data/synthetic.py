@@ -76,6 +76,9 @@ of ``n`` (listed per case in ``synthetic_manifest.json`` at the root):
 * Clinical tables: per-case ``.xlsx`` (Zenodo) or ``.csv`` (2024) with the section-8 columns;
   the ``.xlsx`` files are minimal valid Office Open XML written with ``zipfile`` (inline strings).
 
+Beyond the release: ``synthetic_truth/<case>_acute-core.nii.gz`` (:func:`acute_core_path`) holds each
+case's acute core, so that a benchmark can show how much of the lesion the acute images carry.
+
 Not reproduced: native-space ``raw_data`` copies of CTA/CTP/maps, CTP (unless ``ctp=True``),
 follow-up DWI/ADC, LVO / Circle-of-Willis masks.
 """
@@ -90,7 +93,7 @@ import math
 import os
 import struct
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -109,6 +112,7 @@ ShapeSpec = str | Sequence[int]
 
 MANIFEST_NAME = "synthetic_manifest.json"
 GENERATOR_VERSION = 1
+TRUTH_DIR = "synthetic_truth"
 MAPS = ("tmax", "mtt", "cbf", "cbv")
 
 # Real Zenodo training IDs (reference section 2): 1-189 without the hidden-test IDs and 160.
@@ -465,6 +469,7 @@ def synthesize_case(spec: CaseSpec, rng: np.random.Generator, *, ctp: bool = Fal
 
     mask = lesion.astype(np.uint8)
     out["mask"] = mask
+    out["core"] = core.astype(np.uint8)  # generator truth, not an ISLES24 file (see acute_core_path)
     n_mask = int(mask.sum())
     spec.stats = {
         "lesion_voxels": n_mask,
@@ -624,6 +629,17 @@ def _clinical_rows(spec: CaseSpec, rng: np.random.Generator) -> tuple[list[Any],
     return row, outcome
 
 
+def acute_core_path(root: str | os.PathLike[str], case_id: str) -> Path:
+    """Where the generator writes a case's acute core: ``<root>/synthetic_truth/<case>_acute-core.nii.gz``.
+
+    The acute core is the part of the follow-up lesion that the acute maps show (the rest is
+    infarct growth, see the module docstring), on the NCCT grid. It lies outside the ISLES24 layout
+    (discovery never reads it) and exists only for synthetic data: it is the information bound that
+    ``medsegdiff.baselines.acute_core`` scores beside the models.
+    """
+    return Path(root) / TRUTH_DIR / f"{case_id}_acute-core.nii.gz"
+
+
 def _case_paths(root: Path, spec: CaseSpec, layout: Layout) -> dict[str, Path]:
     sid = spec.case_id
     base = root / f"batch_{spec.batch}" if layout == "challenge2024" else root
@@ -665,6 +681,10 @@ def write_case(root: Path, spec: CaseSpec, images: dict[str, np.ndarray], layout
         _write_nifti(paths[name], arr, spec, origin=origin, direction=direction, scl_slope=slope,
                      compression_level=compression_level)
         written[name] = paths[name]
+    if "core" in images:  # the mask's grid without its perturbation; draws nothing from rng
+        core_path = acute_core_path(root, spec.case_id)
+        _write_nifti(core_path, images["core"].astype(np.uint8), spec, compression_level=compression_level)
+        written["core"] = core_path
     if spec.stray_nii_mask:
         stray = paths["mask"].with_name(paths["mask"].name[: -len(".gz")])
         origin, direction = _perturbed(spec, rng)
@@ -684,6 +704,16 @@ def write_case(root: Path, spec: CaseSpec, images: dict[str, np.ndarray], layout
 # --------------------------------------------------------------------------- entry point
 
 
+def _synthesized(cases: int, seed: int, shape: str | tuple[int, int, int], ctp: bool,
+                 progress: bool) -> Iterator[tuple[CaseSpec, dict[str, np.ndarray], np.random.Generator]]:
+    """Each case's spec, images and the rng that ``write_case`` goes on drawing from, in order."""
+    ids = _case_ids(cases, np.random.default_rng([seed, 0x15E5]))
+    for i in tqdm(range(cases), desc="synth", unit="case", disable=not progress):
+        rng = np.random.default_rng([seed, i + 1])
+        spec = _case_spec(i, cases, ids[i], shape, rng)
+        yield spec, synthesize_case(spec, rng, ctp=ctp), rng
+
+
 def generate_dataset(
     out_dir: str | os.PathLike[str],
     *,
@@ -697,7 +727,8 @@ def generate_dataset(
     """Write a synthetic ISLES24 look-alike dataset (see the module docstring).
 
     A folder that already holds a complete dataset generated with the same arguments is reused
-    (its ``synthetic_manifest.json`` is written last and records them).
+    (its ``synthetic_manifest.json`` is written last and records them); one written before the
+    acute cores were (``synthetic_truth/``) gets them added, its images untouched.
 
     Args:
         out_dir: dataset root to create (must be absent or empty).
@@ -733,19 +764,16 @@ def generate_dataset(
             except (OSError, ValueError):
                 old = {}
             if old.get("params") == params:
-                return [c["case_id"] for c in old.get("cases", [])]
+                ids = [c["case_id"] for c in old.get("cases", [])]
+                if not all(acute_core_path(root, c).is_file() for c in ids):  # older dataset: add the cores
+                    for spec, images, _rng in _synthesized(cases, int(seed), parsed, ctp, progress):
+                        _write_nifti(acute_core_path(root, spec.case_id), images["core"], spec)
+                return ids
         raise DataError(f"synthetic output folder {root} is not empty; choose a new folder or delete it")
     root.mkdir(parents=True, exist_ok=True)
 
-    ids = _case_ids(cases, np.random.default_rng([int(seed), 0x15E5]))
     specs = []
-    iterator: Any = range(cases)
-    if progress:
-        iterator = tqdm(iterator, desc="synth", unit="case")
-    for i in iterator:
-        rng = np.random.default_rng([int(seed), i + 1])
-        spec = _case_spec(i, cases, ids[i], parsed, rng)
-        images = synthesize_case(spec, rng, ctp=ctp)
+    for spec, images, rng in _synthesized(cases, int(seed), parsed, ctp, progress):
         write_case(root, spec, images, layout, rng)
         specs.append(spec)
         del images

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from medsegdiff.baselines.references import write_references
+from medsegdiff.baselines.references import available_references, write_references
 from medsegdiff.config import ExperimentConfig
 from medsegdiff.errors import DataError
 from medsegdiff.evaluation.evaluate import evaluate as evaluate_dir
@@ -32,9 +32,12 @@ def summary_of(report: Mapping[str, Any]) -> dict[str, Any]:
 
 def evaluate_references(gt: Path, cache: Path, out_root: Path, cases: Sequence[str], kw: Mapping[str, Any], *,
                         progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Score the CBF-informed rule and the resolution ceiling on ``cases`` (a missing map skips a rule)."""
+    """Score the CBF rule, the resolution ceiling and (synthetic data) the acute core on ``cases``.
+
+    A missing map skips a rule with a message; real data has no acute cores, so that reference is left out.
+    """
     out: dict[str, dict[str, Any]] = {}
-    for name in ("cbf_rule", "ceiling"):
+    for name in available_references(gt, ("cbf_rule", "ceiling", "acute_core")):
         try:
             folder = write_references(gt, cache, out_root, cases=cases, names=[name], progress=progress)[name]
         except DataError as err:

@@ -46,7 +46,7 @@ def test_quick_run_reports_every_method_and_reference(quick):
     report = json.loads((out / "report.json").read_text())
     assert summary["report"] == str(out / "report.json") and summary["wall_seconds"] > 0
     assert list(report["methods"]) == ["v1_x0", "dynunet"]
-    assert list(report["references"]) == ["tmax", "cbf_rule", "ceiling"]
+    assert list(report["references"]) == ["tmax", "cbf_rule", "ceiling", "acute_core"]
     for name, entry in {**report["methods"], **report["references"]}.items():
         m = entry["metrics"]
         assert m["dice"]["n"] == 4, name  # 2 seeds x 2 test cases
@@ -65,10 +65,13 @@ def test_quick_run_reports_every_method_and_reference(quick):
     diff = np.mean([a["dice"] - b["dice"] for s in (0, 1) for a, b in zip(rows[s], refs[s])])
     assert v1["paired"]["cbf_rule"]["mean"] == pytest.approx(diff)
     assert report["references"]["ceiling"]["metrics"]["dice"]["mean"] >= 0.9
+    core = report["references"]["acute_core"]["metrics"]  # what the acute images show: part of the lesion
+    assert core["precision"]["mean"] == pytest.approx(1.0) and core["dice"]["mean"] < 1.0
     for name in ("dice_vs_steps.png", "paired_differences.png", "report.txt"):
         assert (out / name).stat().st_size > 0
     table = (out / "report.txt").read_text()
     assert "Dice [95% CI]" in table and "cbf_rule (Tmax > 6 s & CBF < 15 rule)" in table
+    assert "acute_core (acute-core oracle)" in table
 
 
 def test_a_second_run_reuses_finished_runs(quick):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import shutil
 import struct
 import time
 import zipfile
@@ -19,6 +20,8 @@ from medsegdiff.data.synthetic import (
     BASELINE_COLUMNS,
     MANIFEST_NAME,
     REAL_TRAIN_IDS,
+    TRUTH_DIR,
+    acute_core_path,
     generate_dataset,
     parse_shape,
     smooth_field,
@@ -219,3 +222,23 @@ def test_optional_ctp_is_4d_on_the_ncct_grid(tmp_path: Path) -> None:
     assert img.GetDimension() == 4 and img.GetSize() == (12, 14, 8, 32)
     loaded = load_case(case, DataConfig(modalities=["ctp", "tmax"]))
     assert loaded.images["ctp"].shape == (32, 8, 14, 12) and loaded.images["tmax"].shape == (8, 14, 12)
+
+
+def test_acute_core_inside_the_lesion_and_added_to_older_datasets(synth_root: Path, synth_manifest: dict,
+                                                                   tmp_path: Path) -> None:
+    for c in synth_manifest["cases"]:
+        core = _read(acute_core_path(synth_root, c["case_id"])) > 0
+        mask = _read(next((synth_root / "derivatives" / c["case_id"] / "ses-02").glob("*lesion-msk.nii.gz"))) > 0
+        assert core.shape == mask.shape and not (core & ~mask).any()  # the core is part of the follow-up lesion
+        if c["quirks"]["empty_mask"]:
+            assert not core.any()
+        else:  # growth is 10-35 % of the core (rounded to whole voxels)
+            assert round(mask.sum() / 1.35) <= core.sum() <= max(1, round(mask.sum() / 1.1))
+    # a dataset written before the cores were gets them on reuse; nothing else changes
+    root = tmp_path / "old"
+    ids = generate_dataset(root, cases=3, seed=2, shape=(16, 20, 8))
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    shutil.rmtree(root / TRUTH_DIR)
+    (root / TRUTH_DIR).mkdir()  # even a half-written truth folder is completed
+    assert generate_dataset(root, cases=3, seed=2, shape=(16, 20, 8)) == ids
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before

@@ -41,11 +41,12 @@ def test_run_end_to_end(work: Path, name: str) -> None:
         assert (run_dir / "predictions" / f"{case}.nii.gz").is_file()
     assert 0.0 <= results["model"]["dice"] <= 1.0
     assert len(results["per_case"]["model"]) == len(results["cases"])
-    # the printed table: the model beside the three references on the same cases
+    # the printed table: the model beside the four references on the same cases
     table = buf.getvalue()
-    for label in ("MedSegDiff (this run)", "Tmax > 9 s baseline", "Tmax > 6 s & CBF < 15 rule", "resolution ceiling"):
+    for label in ("MedSegDiff (this run)", "Tmax > 9 s baseline", "Tmax > 6 s & CBF < 15 rule", "resolution ceiling",
+                  "acute-core oracle"):
         assert label in table, label
-    assert set(results["references"]) == {"cbf_rule", "ceiling"}
+    assert set(results["references"]) == {"cbf_rule", "ceiling", "acute_core"}  # synthetic data: with the cores
     for name in ("cbf_rule", "ceiling"):
         assert [r["case_id"] for r in results["per_case"][name]] == results["cases"]
     assert 0.0 < results["references"]["ceiling"]["dice"] <= 1.0
