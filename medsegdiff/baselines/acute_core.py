@@ -23,11 +23,10 @@ from tqdm import tqdm
 
 from medsegdiff.baselines.tmax import select_cases, write_mask
 from medsegdiff.data.loading import read_image
-from medsegdiff.data.synthetic import TRUTH_DIR, acute_core_path
+from medsegdiff.data.synthetic import ACUTE_CORE_SUFFIX, TRUTH_DIR, acute_core_path
 from medsegdiff.errors import DataError
 
 LABEL = "acute-core oracle"
-_SUFFIX = "_acute-core.nii.gz"
 
 
 def has_acute_core(data: str | Path) -> bool:
@@ -40,7 +39,8 @@ def acute_core_baseline(data: str | Path, out_dir: str | Path, *, cases: Sequenc
     """Write each case's acute core as ``sub-strokeNNNN.nii.gz`` (its own native grid).
 
     Args:
-        data: a synthetic dataset root (``medsegdiff synth``, generator version 2 or later).
+        data: a synthetic dataset root (``medsegdiff synth``; a dataset written before the cores
+            were gets them when it is reused with the same arguments).
         out_dir: output folder (created).
         cases: only these case ids (default: every case with a core file).
         progress: progress bar.
@@ -55,8 +55,8 @@ def acute_core_baseline(data: str | Path, out_dir: str | Path, *, cases: Sequenc
     data, out_dir = Path(data), Path(out_dir)
     if not has_acute_core(data):
         raise DataError(f"{data}: no {TRUTH_DIR}/ folder; the acute-core oracle exists only for synthetic data "
-                        "written by `medsegdiff synth` (regenerate older synthetic data to get it)")
-    available = [p.name[: -len(_SUFFIX)] for p in (data / TRUTH_DIR).glob(f"*{_SUFFIX}")]
+                        "written by `medsegdiff synth` (run it again with the same arguments to add the cores to older data)")
+    available = [p.name[: -len(ACUTE_CORE_SUFFIX)] for p in (data / TRUTH_DIR).glob(f"*{ACUTE_CORE_SUFFIX}")]
     written = []
     for cid in tqdm(select_cases(available, cases, data), desc="acute core", unit="case", disable=not progress):
         img = read_image(acute_core_path(data, cid))

@@ -113,6 +113,7 @@ ShapeSpec = str | Sequence[int]
 MANIFEST_NAME = "synthetic_manifest.json"
 GENERATOR_VERSION = 1
 TRUTH_DIR = "synthetic_truth"
+ACUTE_CORE_SUFFIX = "_acute-core.nii.gz"
 MAPS = ("tmax", "mtt", "cbf", "cbv")
 
 # Real Zenodo training IDs (reference section 2): 1-189 without the hidden-test IDs and 160.
@@ -637,7 +638,14 @@ def acute_core_path(root: str | os.PathLike[str], case_id: str) -> Path:
     (discovery never reads it) and exists only for synthetic data: it is the information bound that
     ``medsegdiff.baselines.acute_core`` scores beside the models.
     """
-    return Path(root) / TRUTH_DIR / f"{case_id}_acute-core.nii.gz"
+    return Path(root) / TRUTH_DIR / f"{case_id}{ACUTE_CORE_SUFFIX}"
+
+
+def _write_acute_core(root: Path, spec: CaseSpec, core: np.ndarray, compression_level: int = 1) -> Path:
+    """Write the acute core on the mask's grid without its perturbation (draws nothing from an rng)."""
+    path = acute_core_path(root, spec.case_id)
+    _write_nifti(path, core, spec, compression_level=compression_level)
+    return path
 
 
 def _case_paths(root: Path, spec: CaseSpec, layout: Layout) -> dict[str, Path]:
@@ -681,10 +689,8 @@ def write_case(root: Path, spec: CaseSpec, images: dict[str, np.ndarray], layout
         _write_nifti(paths[name], arr, spec, origin=origin, direction=direction, scl_slope=slope,
                      compression_level=compression_level)
         written[name] = paths[name]
-    if "core" in images:  # the mask's grid without its perturbation; draws nothing from rng
-        core_path = acute_core_path(root, spec.case_id)
-        _write_nifti(core_path, images["core"].astype(np.uint8), spec, compression_level=compression_level)
-        written["core"] = core_path
+    if "core" in images:
+        written["core"] = _write_acute_core(root, spec, images["core"], compression_level)
     if spec.stray_nii_mask:
         stray = paths["mask"].with_name(paths["mask"].name[: -len(".gz")])
         origin, direction = _perturbed(spec, rng)
@@ -766,8 +772,9 @@ def generate_dataset(
             if old.get("params") == params:
                 ids = [c["case_id"] for c in old.get("cases", [])]
                 if not all(acute_core_path(root, c).is_file() for c in ids):  # older dataset: add the cores
-                    for spec, images, _rng in _synthesized(cases, int(seed), parsed, ctp, progress):
-                        _write_nifti(acute_core_path(root, spec.case_id), images["core"], spec)
+                    # (ctp=False: the CTP frames come after the core and draw nothing from rng)
+                    for spec, images, _rng in _synthesized(cases, int(seed), parsed, False, progress):
+                        _write_acute_core(root, spec, images["core"])
                 return ids
         raise DataError(f"synthetic output folder {root} is not empty; choose a new folder or delete it")
     root.mkdir(parents=True, exist_ok=True)

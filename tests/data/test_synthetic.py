@@ -234,11 +234,13 @@ def test_acute_core_inside_the_lesion_and_added_to_older_datasets(synth_root: Pa
             assert not core.any()
         else:  # growth is 10-35 % of the core (rounded to whole voxels)
             assert round(mask.sum() / 1.35) <= core.sum() <= max(1, round(mask.sum() / 1.1))
-    # a dataset written before the cores were gets them on reuse; nothing else changes
-    root = tmp_path / "old"
-    ids = generate_dataset(root, cases=3, seed=2, shape=(16, 20, 8))
-    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
-    shutil.rmtree(root / TRUTH_DIR)
-    (root / TRUTH_DIR).mkdir()  # even a half-written truth folder is completed
-    assert generate_dataset(root, cases=3, seed=2, shape=(16, 20, 8)) == ids
-    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    # a dataset written before the cores were gets them on reuse (with or without CTP, which the
+    # re-synthesis skips); nothing else changes
+    for ctp in (False, True):
+        root = tmp_path / f"old_ctp{ctp}"
+        ids = generate_dataset(root, cases=3, seed=2, shape=(16, 20, 8), ctp=ctp)
+        before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+        shutil.rmtree(root / TRUTH_DIR)
+        (root / TRUTH_DIR).mkdir()  # even a half-written truth folder is completed
+        assert generate_dataset(root, cases=3, seed=2, shape=(16, 20, 8), ctp=ctp) == ids
+        assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
